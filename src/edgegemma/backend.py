@@ -1,0 +1,178 @@
+"""The backend interface and the backend registry.
+
+A backend is the strict point of cut-off between edgegemma's policy and a native runtime. It
+speaks plain primitives only: token ids, bytes, opaque adapter handles. Everything every
+backend would otherwise repeat (context budget, stop strings, stats, prefix-cache keys,
+adapter bookkeeping, errors for bad parameters) lives once in :mod:`edgegemma.engine`.
+
+The engine drives one sequence at a time::
+
+    reused = backend.start(tokens, reuse=n, adapters=[(handle, 1.0)], sampling=params)
+    while ...:
+        token = backend.next_token()
+
+``start`` makes ``tokens`` the backend's current sequence. The engine promises that the
+first ``reuse`` of them equal what the previous sequence evaluated under the same adapter
+set; the backend may keep that much of its KV cache (or less, or none, when it cannot
+rewind) and returns how many it kept. ``next_token`` samples the next token and appends it
+to the sequence; evaluating it is the backend's business (llama.cpp and ONNX Runtime GenAI
+evaluate lazily on the following call, LiteRT-LM inside its own decode loop).
+
+Third-party backends register through the ``edgegemma.backends`` entry point group, whose
+entries point at a :class:`Backend` subclass.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import BackendUnavailableError
+from .sampling import SamplingParams
+
+AdapterHandle = Any
+"""Whatever a backend returns from :meth:`Backend.load_adapter`; only that backend reads it."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the loaded model that the engine's policy needs."""
+
+    architecture: str
+    n_ctx: int
+    """Tokens the engine may keep in the context window (prompt plus generated)."""
+    n_ctx_train: int
+    vocab_size: int
+    bos_id: int | None
+    """Token the engine prepends to text prompts, or None when the model takes none."""
+    eog_ids: frozenset[int]
+    """Tokens that end generation (end of sequence, end of turn)."""
+    can_shift: bool
+    """Whether :meth:`Backend.shift` works (``on_overflow="shift"``)."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Load-time settings every backend understands."""
+
+    n_ctx: int
+    n_threads: int
+    extra: dict[str, Any]
+    """Backend-specific options passed through ``edgegemma.load(..., **options)``."""
+
+
+class Backend(ABC):
+    """One runtime behind the engine. Not thread-safe: the engine serializes calls."""
+
+    name: ClassVar[str]
+    model_suffixes: ClassVar[tuple[str, ...]] = ()
+    """File suffixes this backend opens; used to pick a backend for a path."""
+
+    info: ModelInfo
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        """Whether ``path`` looks like a model this backend opens (by default: its suffix)."""
+        return path.suffix.lower() in cls.model_suffixes
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: Path, options: BackendOptions) -> Backend:
+        """Load the model at ``path``; raise :class:`~edgegemma.errors.ModelError` if unusable."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS; special-token text such as ``<eos>`` is parsed."""
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (may be part of a UTF-8 character)."""
+
+    @abstractmethod
+    def load_adapter(self, path: Path) -> AdapterHandle:
+        """Load a LoRA adapter; raise :class:`~edgegemma.errors.AdapterError` with the reason."""
+
+    @abstractmethod
+    def free_adapter(self, handle: AdapterHandle) -> None:
+        """Release an adapter; detach it first if the current sequence uses it."""
+
+    @abstractmethod
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        """Begin a sequence: evaluate ``tokens`` after the reusable prefix; return tokens reused."""
+
+    @abstractmethod
+    def next_token(self) -> int:
+        """Sample the next token of the current sequence and append it."""
+
+    def shift(self, keep: int, discard: int) -> None:
+        """Drop ``discard`` cached tokens after the first ``keep`` and close the gap.
+
+        Only called when ``info.can_shift`` is true.
+        """
+        raise NotImplementedError(f"{self.name} cannot shift its context")
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the native model, context and adapters. Called once."""
+
+
+_BUILTIN_BACKENDS = {
+    "llamacpp": "edgegemma.llamacpp:LlamaCppBackend",
+    "onnx": "edgegemma.onnxgenai:OnnxGenAIBackend",
+    "mediapipe": "edgegemma.litertlm:LiteRTLMBackend",
+}
+
+
+def available_backends() -> dict[str, str]:
+    """Backend names mapped to the ``module:Class`` that implements each."""
+    found = dict(_BUILTIN_BACKENDS)
+    for entry in entry_points(group="edgegemma.backends"):
+        found.setdefault(entry.name, entry.value)
+    return found
+
+
+def get_backend(name: str) -> type[Backend]:
+    """The backend class registered as ``name``; imports its runtime on first use."""
+    backends = available_backends()
+    if name not in backends:
+        raise BackendUnavailableError(
+            f"unknown backend {name!r}; known backends: {', '.join(sorted(backends))}"
+        )
+    module_name, _, class_name = backends[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend {name!r} needs a package that is not installed ({exc}); "
+            f"install it with: pip install 'edgegemma[{name}]'"
+        ) from exc
+    backend_class = getattr(module, class_name)
+    if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
+        raise BackendUnavailableError(f"{backends[name]} is not an edgegemma Backend")
+    return backend_class
+
+
+def backend_for_path(path: Path) -> str:
+    """The name of the backend that opens files like ``path``."""
+    for name in available_backends():
+        try:
+            if get_backend(name).accepts(path):
+                return name
+        except BackendUnavailableError:
+            continue
+    raise BackendUnavailableError(
+        f"no installed backend opens {path.name!r} files; pass backend=... explicitly"
+    )

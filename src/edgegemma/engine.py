@@ -1,0 +1,768 @@
+"""The Engine: one API over every backend, and the policy they all share.
+
+Context budget, stop strings, statistics, the prefix-cache key, adapter bookkeeping and
+parameter checks are written here once; backends (see :mod:`edgegemma.backend`) only
+evaluate tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+import math
+import os
+import resource
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo, backend_for_path, get_backend
+from .errors import (
+    AdapterError,
+    ContextOverflowError,
+    EdgeGemmaError,
+    EngineBusyError,
+    EngineClosedError,
+    InvalidParameterError,
+)
+from .sampling import SamplingParams
+
+log = logging.getLogger("edgegemma")
+
+OverflowPolicy = Literal["error", "truncate_left", "shift"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("error", "truncate_left", "shift")
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class _EngineAdapters:
+    """Marker default for ``adapters=``: use the engine's own adapter set."""
+
+    def __repr__(self) -> str:
+        return "ENGINE_ADAPTERS"
+
+
+ENGINE_ADAPTERS = _EngineAdapters()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts and timings of one generation, measured the same way on every backend."""
+
+    prompt_tokens: int
+    """Prompt tokens in the context (after any truncation), BOS included."""
+    cached_tokens: int
+    """Prompt tokens reused from the KV cache instead of being evaluated."""
+    completion_tokens: int
+    truncated_tokens: int
+    """Prompt tokens dropped by ``truncate_left`` plus cached tokens discarded by ``shift``."""
+    ttft_s: float
+    """Time from the call to the first generated token (tokenizing and prefill included)."""
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    prefill_tps: float
+    """Evaluated prompt tokens per second (cached tokens excluded)."""
+    decode_tps: float
+    """Generated tokens per second after the first one."""
+    peak_rss_mb: float
+    """High-water mark of this process's resident memory so far."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """What :meth:`Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    """Generated tokens; the end-of-generation token is not included."""
+    finish_reason: FinishReason
+    finish_detail: str
+    """Why generation ended, in words (which stop string, which limit)."""
+    adapters: dict[str, float]
+    """The adapter set the text was generated with (empty for the bare base model)."""
+    stats: Stats
+
+
+@dataclass
+class _LoadedAdapter:
+    uid: int
+    path: Path
+    handle: AdapterHandle
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    protected: int
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    adapters: dict[str, float]
+    on_overflow: str
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Stream(Iterator[str]):
+    """Text pieces of one generation as they are produced.
+
+    Iterate it; afterwards :attr:`result` holds the :class:`Result`. Breaking out of the loop
+    and calling :meth:`close` (or leaving a ``with`` block) cancels the generation; the
+    engine stays consistent for the next call.
+    """
+
+    def __init__(self, engine: Engine, request: _Request):
+        self._engine = engine
+        self._pieces = engine._generate(request, self)
+        self._result: Result | None = None
+        self._holding_lock = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        if not self._holding_lock and self._result is None:
+            self._engine._acquire(self)
+            self._holding_lock = True
+        try:
+            return next(self._pieces)
+        except BaseException:
+            self._release()
+            raise
+
+    @property
+    def result(self) -> Result:
+        if self._result is None:
+            raise EdgeGemmaError("the stream has not finished; iterate it to the end first")
+        return self._result
+
+    def close(self) -> None:
+        """Stop the generation early; :attr:`result` then has finish_reason ``"cancelled"``."""
+        try:
+            self._pieces.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._holding_lock:
+            self._holding_lock = False
+            self._engine._release()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._holding_lock:
+            self.close()
+
+
+class Engine:
+    """A loaded base model on one backend, with LoRA adapters swapped at runtime.
+
+    Create it with :func:`edgegemma.load`. Calls from several threads are serialized: one
+    generation runs at a time, each with exactly the output it would have alone.
+    """
+
+    def __init__(self, backend: Backend, *, model_path: Path, on_overflow: str = "error"):
+        _check_policy(on_overflow)
+        self._backend = backend
+        self.model_path = model_path
+        self.on_overflow = on_overflow
+        self._adapters: dict[str, _LoadedAdapter] = {}
+        self._active: dict[str, float] = {}
+        self._adapter_ids = itertools.count(1)
+        # What the backend's KV cache holds: a token prefix and the adapter set it was
+        # computed under. Reuse is allowed only under the very same set.
+        self._cached_tokens: list[int] = []
+        self._cached_key: tuple[tuple[int, float], ...] = ()
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._open_stream: weakref.ReferenceType[Stream] | None = None
+        self._closed = False
+
+    # -- model facts ---------------------------------------------------------------------
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._backend.info
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens of context (prompt plus generated) this engine holds."""
+        return self._backend.info.n_ctx
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text`` as the engine feeds them to the model."""
+        self._check_open()
+        ids = self._backend.tokenize(_check_text(text))
+        bos = self._backend.info.bos_id
+        return [bos, *ids] if add_bos and bos is not None else ids
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        self._check_open()
+        data = b"".join(self._backend.token_bytes(t) for t in self._check_ids(token_ids))
+        return data.decode("utf-8", errors="replace")
+
+    # -- adapters ------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """Loaded adapters by name."""
+        return {name: a.path for name, a in self._adapters.items()}
+
+    @property
+    def active_adapters(self) -> dict[str, float]:
+        """The engine's adapter set: used by every call that does not pass ``adapters=``."""
+        return dict(self._active)
+
+    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load a LoRA adapter file under ``name``; the base model is not reloaded."""
+        if not isinstance(name, str) or not name:
+            raise InvalidParameterError(f"adapter name must be a non-empty string, got {name!r}")
+        adapter_path = Path(path)
+        with self._exclusive():
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+            if not adapter_path.is_file():
+                raise AdapterError(f"adapter file not found: {adapter_path}")
+            handle = self._backend.load_adapter(adapter_path)
+            self._adapters[name] = _LoadedAdapter(next(self._adapter_ids), adapter_path, handle)
+        log.debug("loaded adapter %s from %s", name, adapter_path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Free an adapter. It must not be in the engine's active set."""
+        with self._exclusive():
+            if name not in self._adapters:
+                raise AdapterError(f"no adapter named {name!r} is loaded")
+            if name in self._active:
+                raise AdapterError(
+                    f"adapter {name!r} is in the active set {self._active}; "
+                    "call set_adapters() without it first"
+                )
+            loaded = self._adapters.pop(name)
+            if any(uid == loaded.uid for uid, _ in self._cached_key):
+                self._forget_cache()
+            self._backend.free_adapter(loaded.handle)
+
+    def set_adapters(self, adapters: Mapping[str, float] | None) -> None:
+        """Make ``{name: scale}`` the engine's adapter set; ``None`` or ``{}`` is the bare base."""
+        checked = self._check_adapter_set(adapters)
+        with self._exclusive():
+            self._active = checked
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = 256,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+        on_overflow: OverflowPolicy | None = None,
+        keep: int | str = 0,
+    ) -> Result:
+        """Generate a continuation of ``prompt`` (text, or token ids taken as they are).
+
+        ``max_tokens=None`` generates until an end token or a full context window.
+        ``adapters`` overrides the engine's adapter set for this call only.
+        ``on_overflow`` overrides the engine's context policy; ``keep`` is the protected
+        prompt prefix (a token count, or a string the prompt starts with) that
+        ``truncate_left`` and ``shift`` never drop.
+        """
+        stream = self.stream(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+            adapters=adapters,
+            on_overflow=on_overflow,
+            keep=keep,
+        )
+        with stream:
+            for _ in stream:
+                pass
+        return stream.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = 256,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+        on_overflow: OverflowPolicy | None = None,
+        keep: int | str = 0,
+    ) -> Stream:
+        """Like :meth:`generate`, but yields text pieces as they are produced."""
+        self._check_open()
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+        )
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0
+        ):
+            raise InvalidParameterError(
+                f"max_tokens must be a non-negative integer or None, got {max_tokens!r}"
+            )
+        policy = self.on_overflow if on_overflow is None else on_overflow
+        _check_policy(policy)
+        if policy == "shift" and max_tokens is None:
+            raise InvalidParameterError('on_overflow="shift" needs a finite max_tokens')
+        if policy == "shift" and not self.info.can_shift:
+            raise InvalidParameterError(
+                f'the {self.backend_name} backend cannot shift its context; '
+                'use on_overflow="truncate_left" or "error"'
+            )
+        stops = _check_stop(stop)
+        active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenize(prompt)
+        else:
+            prompt_ids = self._check_ids(prompt)
+        if not prompt_ids:
+            raise InvalidParameterError("the prompt is empty and the model takes no BOS token")
+        protected = self._protected_length(prompt, prompt_ids, keep)
+        request = _Request(
+            prompt_ids=prompt_ids,
+            protected=protected,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=stops,
+            adapters=dict(active),
+            on_overflow=policy,
+        )
+        return Stream(self, request)
+
+    def reset(self) -> None:
+        """Forget the KV cache; the next call evaluates its whole prompt."""
+        with self._exclusive():
+            self._forget_cache()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the model and adapters. A generation running in another thread ends first."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._open_stream() if self._open_stream else None
+        if stream is not None and self._owner == threading.get_ident():
+            stream.close()
+        with self._lock:
+            try:
+                self._backend.close()
+            finally:
+                self._adapters.clear()
+                self._forget_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"n_ctx={self.n_ctx}"
+        return f"<Engine {self.backend_name} {self.model_path.name} {state}>"
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _generate(self, request: _Request, stream: Stream) -> Iterator[str]:
+        backend = self._backend
+        n_ctx = backend.info.n_ctx
+        tokens, truncated, limit, limit_detail = self._fit_context(request, n_ctx)
+        key = self._adapter_key(request.adapters)
+        reuse = 0
+        if key == self._cached_key:
+            reuse = min(_common_prefix(self._cached_tokens, tokens), len(tokens) - 1)
+        handles = [(self._adapters[name].handle, scale) for name, scale in request.adapters.items()]
+
+        # Until start() returns, the backend's cache is in an unknown state.
+        self._forget_cache()
+        t_prefill = time.perf_counter()
+        reused = backend.start(tokens, reuse=reuse, adapters=handles, sampling=request.sampling)
+        prefill_s = time.perf_counter() - t_prefill
+        self._cached_tokens = tokens
+        self._cached_key = key
+
+        text = _TextAssembler(request.stop)
+        generated: list[int] = []
+        finish: FinishReason = "length"
+        detail = limit_detail
+        first_token_at: float | None = None
+        last_token_at = time.perf_counter()
+        sampled = 0
+        try:
+            while len(generated) < limit:
+                if self._closed:
+                    finish, detail = "cancelled", "the engine was closed"
+                    break
+                if len(tokens) > n_ctx:  # the pending token would not fit: make room
+                    truncated += self._shift(tokens, request.protected)
+                token = backend.next_token()
+                sampled += 1
+                last_token_at = time.perf_counter()
+                if first_token_at is None:
+                    first_token_at = last_token_at
+                if token in backend.info.eog_ids:
+                    finish, detail = "stop", "end of generation token"
+                    break
+                generated.append(token)
+                tokens.append(token)
+                piece, hit = text.feed(backend.token_bytes(token))
+                if piece:
+                    yield piece
+                if hit is not None:
+                    finish, detail = "stop", f"stop string {hit!r}"
+                    break
+            tail = text.finish(stopped=finish == "stop" and detail.startswith("stop string"))
+            if tail:
+                yield tail
+        except GeneratorExit:
+            finish, detail = "cancelled", "the stream was closed"
+        except EdgeGemmaError:
+            self._forget_cache()
+            raise
+        except Exception as exc:
+            self._forget_cache()
+            raise EdgeGemmaError(f"{backend.name} backend failed during generation: {exc}") from exc
+
+        end = time.perf_counter()
+        decode_s = last_token_at - first_token_at if first_token_at is not None else 0.0
+        evaluated = len(request.prompt_ids) - truncated - reused
+        stream._result = Result(
+            text=text.text,
+            token_ids=generated,
+            finish_reason=finish,
+            finish_detail=detail,
+            adapters=dict(request.adapters),
+            stats=Stats(
+                prompt_tokens=len(request.prompt_ids) - _dropped_prompt(request, truncated),
+                cached_tokens=reused,
+                completion_tokens=len(generated),
+                truncated_tokens=truncated,
+                ttft_s=(first_token_at or end) - request.started,
+                prefill_s=prefill_s,
+                decode_s=decode_s,
+                total_s=end - request.started,
+                prefill_tps=_rate(max(evaluated, 0), prefill_s),
+                decode_tps=_rate(sampled - 1, decode_s),
+                peak_rss_mb=peak_rss_mb(),
+            ),
+        )
+
+    def _fit_context(self, request: _Request, n_ctx: int) -> tuple[list[int], int, int, str]:
+        """Apply the overflow policy: (tokens to evaluate, tokens dropped, limit, limit reason)."""
+        tokens = list(request.prompt_ids)
+        wanted = request.max_tokens
+        needed = len(tokens) + (wanted if wanted is not None else 1)
+        policy = request.on_overflow
+
+        def overflow(why: str) -> ContextOverflowError:
+            return ContextOverflowError(
+                f"{why}: the prompt has {len(request.prompt_ids)} tokens, max_tokens is "
+                f"{wanted}, the context window holds n_ctx={n_ctx} tokens "
+                f'(on_overflow="{policy}"). Shorten the prompt, lower max_tokens, load with a '
+                'larger n_ctx, or pass on_overflow="truncate_left".',
+                prompt_tokens=len(request.prompt_ids),
+                max_tokens=wanted,
+                n_ctx=n_ctx,
+            )
+
+        truncated = 0
+        if policy == "shift":
+            if len(tokens) >= n_ctx:
+                raise overflow("the prompt alone fills the context window")
+        elif needed > n_ctx:
+            if policy == "error":
+                raise overflow("prompt plus max_tokens exceed the context window")
+            truncated = needed - n_ctx
+            droppable = len(tokens) - request.protected - 1
+            if truncated > droppable:
+                raise overflow(
+                    f"dropping old prompt tokens cannot make room: {request.protected} are "
+                    "protected by keep="
+                )
+            del tokens[request.protected : request.protected + truncated]
+        if wanted is None:
+            return tokens, truncated, n_ctx - len(tokens), f"context window full (n_ctx={n_ctx})"
+        return tokens, truncated, wanted, f"max_tokens ({wanted}) reached"
+
+    def _shift(self, tokens: list[int], protected: int) -> int:
+        """Discard half of the unprotected cached tokens (llama.cpp's context shift)."""
+        keep = max(protected, 1)
+        discard = (len(tokens) - 1 - keep) // 2
+        if discard <= 0:
+            raise ContextOverflowError(
+                f"cannot shift the context: {keep} of {self.n_ctx} tokens are protected",
+                prompt_tokens=len(tokens),
+                max_tokens=None,
+                n_ctx=self.n_ctx,
+            )
+        self._forget_cache()
+        self._backend.shift(keep, discard)
+        del tokens[keep : keep + discard]
+        log.debug("shifted context: kept %d, discarded %d", keep, discard)
+        return discard
+
+    def _forget_cache(self) -> None:
+        self._cached_tokens = []
+        self._cached_key = ()
+
+    def _adapter_key(self, adapters: Mapping[str, float]) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((self._adapters[name].uid, scale) for name, scale in adapters.items()))
+
+    def _check_adapter_set(self, adapters: object) -> dict[str, float]:
+        if adapters is None:
+            return {}
+        if not isinstance(adapters, Mapping):
+            raise InvalidParameterError(
+                f"adapters must be a mapping of name to scale or None, got {adapters!r}"
+            )
+        checked: dict[str, float] = {}
+        for name, scale in adapters.items():
+            if name not in self._adapters:
+                loaded = ", ".join(sorted(self._adapters)) or "none"
+                raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise InvalidParameterError(f"adapter scale must be a finite number, got {scale!r}")
+            if scale != 0:  # a zero scale is the base model: leave the adapter out entirely
+                checked[name] = float(scale)
+        return checked
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        vocab = self._backend.info.vocab_size
+        ids = list(token_ids)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidParameterError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _protected_length(self, prompt: object, prompt_ids: list[int], keep: int | str) -> int:
+        bos = 1 if isinstance(prompt, str) and self._backend.info.bos_id is not None else 0
+        if isinstance(keep, str):
+            if not isinstance(prompt, str) or not prompt.startswith(keep):
+                raise InvalidParameterError("keep= as a string must be a prefix of the text prompt")
+            n = bos + len(self._backend.tokenize(keep)) if keep else bos
+            if prompt_ids[:n] != self.tokenize(keep)[:n]:
+                raise InvalidParameterError(
+                    f"keep={keep!r} does not end on a token boundary of the prompt; "
+                    "end it with a space or newline, or pass a token count"
+                )
+            return n
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= len(prompt_ids):
+            raise InvalidParameterError(
+                f"keep must be a token count in [0, {len(prompt_ids)}] or a prompt prefix, got {keep!r}"
+            )
+        return max(keep, bos)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
+
+    def _acquire(self, stream: Stream) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EngineBusyError(
+                "another stream of this engine is open in this thread; "
+                "exhaust or close() it before starting a new call"
+            )
+        self._lock.acquire()
+        if self._closed:
+            self._lock.release()
+            raise EngineClosedError("the engine is closed")
+        self._owner = me
+        self._open_stream = weakref.ref(stream)
+
+    def _release(self) -> None:
+        self._owner = None
+        self._open_stream = None
+        self._lock.release()
+
+    def _exclusive(self) -> _Exclusive:
+        self._check_open()
+        if self._owner == threading.get_ident():
+            raise EngineBusyError("a stream of this engine is open in this thread; close it first")
+        return _Exclusive(self)
+
+
+class _Exclusive:
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def __enter__(self) -> None:
+        self._engine._lock.acquire()
+        if self._engine._closed:
+            self._engine._lock.release()
+            raise EngineClosedError("the engine is closed")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._engine._lock.release()
+
+
+class _TextAssembler:
+    """Turns token bytes into text, holding back what could still become a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = stops
+        self._longest = max((len(s) for s in stops), default=0)
+        self._text = ""
+        self._emitted = 0
+
+    @property
+    def text(self) -> str:
+        return self._text[: self._emitted]
+
+    def feed(self, data: bytes) -> tuple[str, str | None]:
+        """Add a token's bytes; return (text safe to emit, stop string hit or None)."""
+        self._text += self._decoder.decode(data)
+        if self._stops:
+            window_start = max(0, self._emitted - self._longest)
+            hits = [
+                (pos, s)
+                for s in self._stops
+                if (pos := self._text.find(s, window_start)) != -1
+            ]
+            if hits:
+                pos, hit = min(hits)
+                self._text = self._text[:pos]
+                return self._advance(pos), hit
+        return self._advance(len(self._text) - self._held_back()), None
+
+    def finish(self, *, stopped: bool) -> str:
+        if not stopped:
+            self._text += self._decoder.decode(b"", final=True)
+        return self._advance(len(self._text))
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop string."""
+        for n in range(min(self._longest - 1, len(self._text) - self._emitted), 0, -1):
+            tail = self._text[-n:]
+            if any(s.startswith(tail) for s in self._stops):
+                return n
+        return 0
+
+    def _advance(self, end: int) -> str:
+        piece = self._text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return piece
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (VmHWM)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def default_threads() -> int:
+    """Cores this process may run on, capped at 8 (more rarely helps a small model)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def load(
+    model: str | os.PathLike[str] = "gemma3-270m",
+    *,
+    backend: str | None = None,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    on_overflow: OverflowPolicy = "error",
+    **options: object,
+) -> Engine:
+    """Load a base model: a name from models.lock (fetched on first use) or a file path."""
+    from . import models
+
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
+        raise InvalidParameterError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+    if n_threads is None:
+        n_threads = default_threads()
+    elif isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+        raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
+    _check_policy(on_overflow)
+    path = models.resolve(model)
+    name = backend or backend_for_path(path)
+    backend_class = get_backend(name)
+    opened = backend_class.open(path, BackendOptions(n_ctx=n_ctx, n_threads=n_threads, extra=dict(options)))
+    return Engine(opened, model_path=path, on_overflow=on_overflow)
+
+
+def _dropped_prompt(request: _Request, truncated: int) -> int:
+    """Prompt tokens dropped before evaluation (shift drops happen later, from the cache)."""
+    return truncated if request.on_overflow == "truncate_left" else 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if count > 0 and seconds > 0 else 0.0
+
+
+def _check_policy(policy: object) -> None:
+    if policy not in OVERFLOW_POLICIES:
+        raise InvalidParameterError(
+            f"on_overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {policy!r}"
+        )
+
+
+def _check_stop(stop: object) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidParameterError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return tuple(stop)
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise InvalidParameterError(f"the prompt must be a str or a list of token ids, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(f"the prompt is not valid Unicode text: {exc}") from exc
+    return text

@@ -1,0 +1,65 @@
+"""Sampling parameters, validated once for every backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen.
+
+    ``temperature=0`` is greedy decoding (deterministic). ``top_k=0`` and ``top_p=1`` disable
+    those filters; ``repeat_penalty=1`` disables the penalty. ``seed=None`` draws a fresh seed
+    per call; a fixed seed makes sampled output reproducible on the same backend.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_number("temperature", self.temperature, minimum=0.0)
+        _check_int("top_k", self.top_k, minimum=0)
+        _check_number("top_p", self.top_p, minimum=0.0, exclusive_minimum=True, maximum=1.0)
+        _check_number("min_p", self.min_p, minimum=0.0, maximum=1.0)
+        _check_number("repeat_penalty", self.repeat_penalty, minimum=0.0, exclusive_minimum=True)
+        _check_int("repeat_last_n", self.repeat_last_n, minimum=0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_number(
+    name: str,
+    value: object,
+    *,
+    minimum: float,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameterError(f"{name} must be a finite number, got {value!r}")
+    too_small = value <= minimum if exclusive_minimum else value < minimum
+    if too_small or (maximum is not None and value > maximum):
+        low = "(" if exclusive_minimum else "["
+        high = f"{maximum}]" if maximum is not None else "inf)"
+        raise InvalidParameterError(f"{name} must be in {low}{minimum}, {high}, got {value!r}")
+
+
+def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(f"{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise InvalidParameterError(f"{name} must be {bound}, got {value!r}")
