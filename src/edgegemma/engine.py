@@ -118,15 +118,17 @@ class Stream(Iterator[str]):
 
     def __init__(self, engine: Engine, request: _Request):
         self._engine = engine
-        self._pieces = engine._generate(request, self)
-        self._result: Result | None = None
+        # The generator writes the Result here; holding no reference back to the Stream lets
+        # an abandoned stream be freed (and its lock released) as soon as the loop drops it.
+        self._outcome: list[Result] = []
+        self._pieces = engine._generate(request, self._outcome)
         self._holding_lock = False
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
-        if not self._holding_lock and self._result is None:
+        if not self._holding_lock and not self._outcome:
             self._engine._acquire(self)
             self._holding_lock = True
         try:
@@ -137,9 +139,9 @@ class Stream(Iterator[str]):
 
     @property
     def result(self) -> Result:
-        if self._result is None:
+        if not self._outcome:
             raise EdgeGemmaError("the stream has not finished; iterate it to the end first")
-        return self._result
+        return self._outcome[0]
 
     def close(self) -> None:
         """Stop the generation early; :attr:`result` then has finish_reason ``"cancelled"``."""
@@ -402,7 +404,7 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _generate(self, request: _Request, stream: Stream) -> Iterator[str]:
+    def _generate(self, request: _Request, outcome: list[Result]) -> Iterator[str]:
         backend = self._backend
         n_ctx = backend.info.n_ctx
         tokens, truncated, limit, limit_detail = self._fit_context(request, n_ctx)
@@ -465,7 +467,7 @@ class Engine:
         end = time.perf_counter()
         decode_s = last_token_at - first_token_at if first_token_at is not None else 0.0
         evaluated = len(request.prompt_ids) - truncated - reused
-        stream._result = Result(
+        outcome.append(Result(
             text=text.text,
             token_ids=generated,
             finish_reason=finish,
@@ -484,7 +486,7 @@ class Engine:
                 decode_tps=_rate(sampled - 1, decode_s),
                 peak_rss_mb=peak_rss_mb(),
             ),
-        )
+        ))
 
     def _fit_context(self, request: _Request, n_ctx: int) -> tuple[list[int], int, int, str]:
         """Apply the overflow policy: (tokens to evaluate, tokens dropped, limit, limit reason)."""

@@ -1,0 +1,1 @@
+"""Build other formats of a model from its GGUF."""

@@ -1,0 +1,301 @@
+"""llama.cpp backend, on llama-cpp-python's low-level C API.
+
+The high-level ``llama_cpp.Llama`` is not used: its prompt cache ignores adapters, it sizes
+its token buffer from the unpadded n_ctx, and it takes LoRA files only at construction.
+Here the context, the adapter set and the KV cache are driven directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import llama_cpp as ll
+
+from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo
+from .errors import AdapterError, ContextOverflowError, EdgeGemmaError, InvalidParameterError, ModelError
+from .gguffile import GGUFHeader, read_header
+from .lora import check_lora
+from .sampling import SamplingParams
+
+_N_CTX_STEP = 256
+"""llama.cpp pads n_ctx to this multiple; asking for exactly that avoids surprises."""
+_N_BATCH = 512
+_LOG_ERROR, _LOG_CONT = 4, 5
+_DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
+
+
+class _NativeLog:
+    """Collects llama.cpp's log lines, which carry the only explanation of its failures."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._capture: list[str] | None = None
+        self._level = 0
+
+    def callback(self, level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        if level != _LOG_CONT:
+            self._level = level
+        capture = self._capture
+        if capture is not None:
+            capture.append(text.decode("utf-8", errors="replace"))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        with self._lock:
+            self._capture = lines = []
+            try:
+                yield lines
+            finally:
+                self._capture = None
+
+
+_native_log = _NativeLog()
+_log_callback = ll.llama_log_callback(_native_log.callback)
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def _init_runtime() -> None:
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _initialized = True
+
+
+def _reason(lines: list[str]) -> str:
+    """The useful part of captured log lines: errors, else the last few lines."""
+    text = "".join(lines)
+    wanted = [line.strip() for line in text.splitlines() if "error" in line.lower() or "fail" in line.lower()]
+    chosen = wanted or [line.strip() for line in text.splitlines()[-3:]]
+    return "; ".join(line for line in chosen if line) or "no reason given by llama.cpp"
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    model_suffixes = (".gguf",)
+
+    def __init__(self, header: GGUFHeader, model: ll.llama_model_p, ctx: ll.llama_context_p, n_ctx: int):
+        self._header = header
+        self._model = model
+        self._ctx = ctx
+        self._vocab = ll.llama_model_get_vocab(model)
+        self._memory = ll.llama_get_memory(ctx)
+        self._sampler: ll.llama_sampler_p | None = None
+        self._attached: list[tuple[AdapterHandle, float]] = []
+        # The ctypes pointer objects llama.cpp returned; passed back to it as they are.
+        self._loaded: list[AdapterHandle] = []
+        self._n_past = 0  # tokens whose KV is in the cache
+        self._pending: int | None = None  # sampled but not yet evaluated
+        self._piece_cache: dict[int, bytes] = {}
+        n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        eog = frozenset(t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
+        bos = ll.llama_vocab_bos(self._vocab)
+        self.info = ModelInfo(
+            architecture=header.architecture,
+            n_ctx=n_ctx,
+            n_ctx_train=ll.llama_model_n_ctx_train(model),
+            vocab_size=n_vocab,
+            bos_id=bos if bos >= 0 and ll.llama_vocab_get_add_bos(self._vocab) else None,
+            eog_ids=eog,
+            can_shift=bool(ll.llama_memory_can_shift(self._memory)),
+            description=_model_description(model),
+        )
+
+    @classmethod
+    def open(cls, path: Path, options: BackendOptions) -> LlamaCppBackend:
+        if options.extra:
+            raise InvalidParameterError(f"unknown llamacpp options: {', '.join(sorted(options.extra))}")
+        header = read_header(path)
+        if header.file_type != "model":
+            raise ModelError(f"{path.name} is a GGUF {header.file_type!r}, not a model")
+        n_ctx_train = header.arch_value("context_length")
+        n_ctx = -(-options.n_ctx // _N_CTX_STEP) * _N_CTX_STEP
+        if isinstance(n_ctx_train, int) and n_ctx > n_ctx_train:
+            raise InvalidParameterError(
+                f"n_ctx={options.n_ctx} is larger than the {n_ctx_train} tokens {path.name} was trained for"
+            )
+        _init_runtime()
+        model_params = ll.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        with _native_log.capture() as lines:
+            model = ll.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise ModelError(f"llama.cpp could not load {path}: {_reason(lines)}")
+        ctx_params = ll.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = _N_BATCH
+        ctx_params.n_ubatch = _N_BATCH
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = options.n_threads
+        ctx_params.n_threads_batch = options.n_threads
+        # A full-size sliding-window cache keeps every position, so a prefix can be reused and
+        # the context shifted at any length (the cache is ~18 KB per token for this model).
+        ctx_params.swa_full = True
+        ctx_params.no_perf = True
+        with _native_log.capture() as lines:
+            ctx = ll.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            ll.llama_model_free(model)
+            raise ModelError(f"llama.cpp could not create a context for {path}: {_reason(lines)}")
+        return cls(header, model, ctx, n_ctx)
+
+    # -- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (ll.llama_token * capacity)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, True)
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = self._piece_cache[token] = buf.raw[:n]
+        return piece
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def load_adapter(self, path: Path) -> AdapterHandle:
+        check_lora(path, self._header)
+        with _native_log.capture() as lines:
+            adapter = ll.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            raise AdapterError(f"llama.cpp rejected the adapter {path.name}: {_reason(lines)}")
+        self._loaded.append(adapter)
+        return adapter
+
+    def free_adapter(self, handle: AdapterHandle) -> None:
+        if any(h is handle for h, _ in self._attached):
+            # Freeing an attached adapter would leave a dangling pointer in the context.
+            self._apply_adapters([])
+        self._loaded = [a for a in self._loaded if a is not handle]
+        ll.llama_adapter_lora_free(handle)
+
+    def _apply_adapters(self, adapters: Sequence[tuple[AdapterHandle, float]]) -> None:
+        wanted = list(adapters)
+        if wanted == self._attached:
+            return
+        n = len(wanted)
+        handles = (ll.llama_adapter_lora_p_ctypes * n)(*(h for h, _ in wanted)) if n else None
+        scales = (ctypes.c_float * n)(*(s for _, s in wanted)) if n else None
+        with _native_log.capture() as lines:
+            status = ll.llama_set_adapters_lora(self._ctx, handles, n, scales)
+        if status != 0:
+            raise AdapterError(f"llama.cpp could not attach the adapters: {_reason(lines)}")
+        self._attached = wanted
+
+    # -- generation ------------------------------------------------------------------------
+
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        self._apply_adapters(adapters)
+        keep = min(reuse, self._n_past, len(tokens) - 1)
+        if keep < self._n_past and not ll.llama_memory_seq_rm(self._memory, 0, keep, -1):
+            keep = 0
+        if keep == 0:
+            ll.llama_memory_clear(self._memory, True)
+        self._n_past = keep
+        self._pending = None
+        self._evaluate(tokens[keep:])
+        self._new_sampler(sampling, tokens)
+        return keep
+
+    def next_token(self) -> int:
+        if self._pending is not None:
+            self._evaluate([self._pending])
+            self._pending = None
+        assert self._sampler is not None
+        token = ll.llama_sampler_sample(self._sampler, self._ctx, -1)
+        self._pending = token
+        return token
+
+    def shift(self, keep: int, discard: int) -> None:
+        if not ll.llama_memory_seq_rm(self._memory, 0, keep, keep + discard):
+            raise EdgeGemmaError("llama.cpp could not discard tokens from its KV cache")
+        ll.llama_memory_seq_add(self._memory, 0, keep + discard, -1, -discard)
+        self._n_past -= discard
+
+    def _evaluate(self, tokens: Sequence[int]) -> None:
+        for start in range(0, len(tokens), _N_BATCH):
+            chunk = tokens[start : start + _N_BATCH]
+            array = (ll.llama_token * len(chunk))(*chunk)
+            status = ll.llama_decode(self._ctx, ll.llama_batch_get_one(array, len(chunk)))
+            if status != 0:
+                # The cache may hold part of the chunk now: the engine treats it as unknown.
+                self._n_past = 0
+                ll.llama_memory_clear(self._memory, True)
+                if status == 1:
+                    raise ContextOverflowError(
+                        "llama.cpp found no room in its KV cache",
+                        prompt_tokens=len(tokens),
+                        max_tokens=None,
+                        n_ctx=self.info.n_ctx,
+                    )
+                raise EdgeGemmaError(f"llama_decode failed with status {status}")
+            self._n_past += len(chunk)
+
+    def _new_sampler(self, sampling: SamplingParams, history: Sequence[int]) -> None:
+        if self._sampler is not None:
+            ll.llama_sampler_free(self._sampler)
+            self._sampler = None
+        params = ll.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = ll.llama_sampler_chain_init(params)
+        add = ll.llama_sampler_chain_add
+        if sampling.repeat_penalty != 1.0:
+            penalties = ll.llama_sampler_init_penalties(
+                self.info.vocab_size, sampling.repeat_last_n, sampling.repeat_penalty, 0.0, 0.0
+            )
+            add(chain, penalties)
+        if sampling.greedy:
+            add(chain, ll.llama_sampler_init_greedy())
+        else:
+            add(chain, ll.llama_sampler_init_top_k(sampling.top_k))
+            add(chain, ll.llama_sampler_init_top_p(sampling.top_p, 1))
+            add(chain, ll.llama_sampler_init_min_p(sampling.min_p, 1))
+            add(chain, ll.llama_sampler_init_temp(sampling.temperature))
+            seed = _DEFAULT_SEED if sampling.seed is None else sampling.seed
+            add(chain, ll.llama_sampler_init_dist(seed))
+        if sampling.repeat_penalty != 1.0:
+            for token in history[-sampling.repeat_last_n :]:
+                ll.llama_sampler_accept(chain, token)
+        self._sampler = chain
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            ll.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if self._attached:
+            self._apply_adapters([])
+        for handle in self._loaded:
+            ll.llama_adapter_lora_free(handle)
+        self._loaded.clear()
+        ll.llama_free(self._ctx)
+        ll.llama_model_free(self._model)
+
+
+def _model_description(model: ll.llama_model_p) -> str:
+    buf = ctypes.create_string_buffer(256)
+    n = ll.llama_model_desc(model, buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n > 0 else ""

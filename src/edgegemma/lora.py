@@ -1,0 +1,142 @@
+"""LoRA adapters in GGUF: write them, inspect them, check them against a base model.
+
+Layout (llama.cpp's own converter and loader): metadata ``general.type = "adapter"``,
+``adapter.type = "lora"``, ``adapter.lora.alpha``, ``general.architecture`` = the base's;
+tensors ``<base tensor>.lora_a`` with numpy shape (rank, n_in) and ``<base tensor>.lora_b``
+with numpy shape (n_out, rank). llama.cpp scales the product by ``scale * alpha / rank``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AdapterError, ModelError
+from .gguffile import GGUFHeader, read_header, tensor_array
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    path: Path
+    architecture: str
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    """Base-model tensor names the adapter modifies."""
+    size_bytes: int
+
+
+def write_lora_gguf(
+    path: str | os.PathLike[str],
+    *,
+    architecture: str,
+    alpha: float,
+    weights: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    dtype: type = np.float32,
+) -> Path:
+    """Write ``{base tensor name: (A (rank, n_in), B (n_out, rank))}`` as a GGUF LoRA file."""
+    import gguf
+
+    out = Path(path)
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), architecture)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for name, (a, b) in sorted(weights.items()):
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+def inspect_lora(path: str | os.PathLike[str]) -> LoraInfo:
+    """Read a GGUF LoRA adapter's header; :class:`AdapterError` if it is not one."""
+    adapter_path = Path(path)
+    try:
+        header = read_header(adapter_path)
+    except ModelError as exc:
+        raise AdapterError(f"not a usable adapter: {exc}") from None
+    return _lora_info(header)
+
+
+def check_lora(path: str | os.PathLike[str], base: GGUFHeader) -> LoraInfo:
+    """Check that an adapter fits ``base``: architecture, tensor names, shapes, finite values."""
+    adapter_path = Path(path)
+    try:
+        header = read_header(adapter_path)
+    except ModelError as exc:
+        raise AdapterError(f"not a usable adapter: {exc}") from None
+    info = _lora_info(header)
+    if info.architecture != base.architecture:
+        raise AdapterError(
+            f"{adapter_path.name} was made for a {info.architecture!r} model, "
+            f"but the base model is {base.architecture!r}"
+        )
+    for target in info.targets:
+        if target not in base.tensors:
+            raise AdapterError(f"{adapter_path.name}: the base model has no tensor {target!r}")
+        if len(base.tensors[target].shape) != 2:
+            raise AdapterError(f"{adapter_path.name}: {target} is not a weight matrix of the base model")
+        n_in, n_out = base.tensors[target].shape
+        a = header.tensors[f"{target}.lora_a"].shape  # ggml order: (n_in, rank)
+        b = header.tensors[f"{target}.lora_b"].shape  # ggml order: (rank, n_out)
+        if a[0] != n_in or b[1] != n_out:
+            raise AdapterError(
+                f"{adapter_path.name}: {target} adapter maps {a[0]} -> {b[1]} but the base tensor "
+                f"maps {n_in} -> {n_out} (an adapter for another model size?)"
+            )
+    for name in header.tensors:
+        values = tensor_array(header, name) if _is_float(header, name) else None
+        if values is not None and not np.isfinite(values).all():
+            raise AdapterError(f"{adapter_path.name}: tensor {name} contains NaN or infinite values")
+    return info
+
+
+def _is_float(header: GGUFHeader, name: str) -> bool:
+    return header.tensors[name].type.name in ("F32", "F16")
+
+
+def _lora_info(header: GGUFHeader) -> LoraInfo:
+    path = header.path
+    if header.file_type != "adapter" or header.metadata.get("adapter.type") != "lora":
+        raise AdapterError(
+            f"{path.name} is not a LoRA adapter (general.type={header.file_type!r}, "
+            f"adapter.type={header.metadata.get('adapter.type')!r})"
+        )
+    names = set(header.tensors)
+    targets = sorted({n.rsplit(".", 1)[0] for n in names})
+    ranks = set()
+    for target in targets:
+        a, b = f"{target}.lora_a", f"{target}.lora_b"
+        if a not in names or b not in names:
+            raise AdapterError(f"{path.name}: {target} needs both .lora_a and .lora_b tensors")
+        a_shape, b_shape = header.tensors[a].shape, header.tensors[b].shape
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
+            raise AdapterError(
+                f"{path.name}: {target} has lora_a {a_shape[::-1]} and lora_b {b_shape[::-1]} "
+                "(numpy order), which do not share a rank"
+            )
+        ranks.add(a_shape[1])
+    if not targets:
+        raise AdapterError(f"{path.name} holds no LoRA tensors")
+    alpha = header.metadata.get("adapter.lora.alpha")
+    if not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
+        raise AdapterError(f"{path.name}: adapter.lora.alpha is missing or not finite ({alpha!r})")
+    rank = max(ranks)
+    return LoraInfo(
+        path=path,
+        architecture=header.architecture,
+        rank=rank,
+        alpha=float(alpha),
+        targets=tuple(targets),
+        size_bytes=path.stat().st_size,
+    )

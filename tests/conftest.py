@@ -1,0 +1,57 @@
+"""Shared fixtures: the real Gemma 3 270M model, one engine per session, test adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import edgegemma
+from edgegemma import models
+from edgegemma.gguffile import GGUFHeader, read_header
+
+from loras import random_lora
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The embedded default model, fetched into (and verified in) the edgegemma cache."""
+    return models.fetch("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def base_header(gguf_path: Path) -> GGUFHeader:
+    return read_header(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def engine(gguf_path: Path):
+    """One llama.cpp engine shared by the read-only tests (n_ctx 1024)."""
+    with edgegemma.load(gguf_path, n_ctx=1024, n_threads=2) as shared:
+        yield shared
+
+
+@pytest.fixture
+def clean_engine(engine):
+    """The shared engine, restored to no adapters and an empty cache after the test."""
+    yield engine
+    engine.set_adapters(None)
+    for name in list(engine.adapters):
+        engine.unload_adapter(name)
+    engine.reset()
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory, base_header: GGUFHeader) -> Path:
+    """Adapters A and B (different seeds and targets) plus broken variants."""
+    root = tmp_path_factory.mktemp("loras")
+    random_lora(root / "a.gguf", base_header, seed=1, std=0.03)
+    random_lora(root / "b.gguf", base_header, seed=2, std=0.03, targets=("attn_k", "attn_output"))
+    random_lora(root / "other-arch.gguf", base_header, seed=3, architecture="llama")
+    random_lora(root / "wrong-shape.gguf", base_header, seed=4, wrong_n_in=True)
+    good = (root / "a.gguf").read_bytes()
+    (root / "truncated.gguf").write_bytes(good[: len(good) // 2])
+    (root / "not-gguf.gguf").write_text("this is not a GGUF file\n")
+    return root
