@@ -5,8 +5,8 @@ It answers ``HEAD`` and ``GET /{owner}/{name}/resolve/{revision}/{filename}`` wi
 ``X-Repo-Commit`` naming the commit a branch resolves to, ``ETag`` and ``X-Linked-Etag``
 carrying the file's sha256 and ``X-Linked-Size`` its size (as the Hub sends them for LFS
 files), ``Content-Length``, ``X-Error-Code`` on a 404, and ``Range`` requests for a resumed
-download. Knobs make it misbehave the ways a network does: slowly, stopping mid-body, or
-dropping the connection.
+download. Knobs make it misbehave the ways a network does: holding a body back, stalling
+mid-body, or dropping the connection.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import unquote
 
 CHUNK = 64 * 1024
@@ -29,8 +30,6 @@ class FakeHub:
         """(repo, branch) -> commit."""
         self.requests: list[tuple[str, str, str | None]] = []
         """(method, path, Range header) of every request, in order."""
-        self.chunk_delay = 0.0
-        """Seconds to wait before each 64 KiB of a body."""
         self.hold_bodies = threading.Event()
         """While cleared, GET bodies wait until it is set (set by default)."""
         self.hold_bodies.set()
@@ -40,12 +39,15 @@ class FakeHub:
         """Set once a response has stalled."""
         self.drop_after: int | None = None
         """Send this many body bytes of a full (non-Range) GET, then close the connection."""
-        self.refuse_ranges = False
-        """Answer Range requests (resumed downloads) with 503."""
+        self.refuse_after_drop = False
+        """Answer every GET after a dropped one with 503, which the client does not retry."""
+        self._dropped = False
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -66,7 +68,7 @@ class FakeHub:
     def gets(self) -> list[str]:
         return [path for method, path, _ in self.requests if method == "GET"]
 
-    def __enter__(self) -> FakeHub:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -105,11 +107,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             content = hub.files.get((repo, commit, filename))
             if content is None:
                 return self._error(404, "EntryNotFound", commit)
-            start = 0
-            if wanted is not None:
-                if hub.refuse_ranges:
-                    return self._error(503, "ServiceUnavailable", commit)
-                start = int(wanted.removeprefix("bytes=").split("-")[0])
+            if body and hub.refuse_after_drop and hub._dropped:
+                return self._error(503, "ServiceUnavailable", commit)
+            start = 0 if wanted is None else int(wanted.removeprefix("bytes=").split("-")[0])
             sha256 = hashlib.sha256(content).hexdigest()
             self.send_response(206 if wanted else 200)
             self.send_header("X-Repo-Commit", commit)
@@ -120,7 +120,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(content) - start))
             if wanted:
-                self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.send_header(
+                    "Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}"
+                )
             self.end_headers()
             if body:
                 self._send(content[start:], full=wanted is None)
@@ -130,11 +132,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             limit = len(data)
             if hub.drop_after is not None and full:
                 limit = min(limit, hub.drop_after)
+                hub._dropped = limit < len(data)
             if hub.stall_after is not None:
                 limit = min(limit, hub.stall_after)
             for offset in range(0, limit, CHUNK):
-                if hub.chunk_delay:
-                    hub._closing.wait(hub.chunk_delay)
                 self.wfile.write(data[offset : min(offset + CHUNK, limit)])
             self.wfile.flush()
             if hub.stall_after is not None and limit < len(data):

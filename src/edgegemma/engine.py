@@ -408,6 +408,7 @@ class Engine:
         backend = self._backend
         n_ctx = backend.info.n_ctx
         tokens, truncated, limit, limit_detail = self._fit_context(request, n_ctx)
+        n_prompt = len(tokens)
         key = self._adapter_key(request.adapters)
         reuse = 0
         if key == self._cached_key:
@@ -466,7 +467,6 @@ class Engine:
 
         end = time.perf_counter()
         decode_s = last_token_at - first_token_at if first_token_at is not None else 0.0
-        evaluated = len(request.prompt_ids) - truncated - reused
         outcome.append(Result(
             text=text.text,
             token_ids=generated,
@@ -474,7 +474,7 @@ class Engine:
             finish_detail=detail,
             adapters=dict(request.adapters),
             stats=Stats(
-                prompt_tokens=len(request.prompt_ids) - _dropped_prompt(request, truncated),
+                prompt_tokens=n_prompt,
                 cached_tokens=reused,
                 completion_tokens=len(generated),
                 truncated_tokens=truncated,
@@ -482,7 +482,7 @@ class Engine:
                 prefill_s=prefill_s,
                 decode_s=decode_s,
                 total_s=end - request.started,
-                prefill_tps=_rate(max(evaluated, 0), prefill_s),
+                prefill_tps=_rate(n_prompt - reused, prefill_s),
                 decode_tps=_rate(sampled - 1, decode_s),
                 peak_rss_mb=peak_rss_mb(),
             ),
@@ -536,6 +536,8 @@ class Engine:
                 max_tokens=None,
                 n_ctx=self.n_ctx,
             )
+        # Shifted keys are re-rotated, not recomputed: close to, but not bit-identical with, a
+        # fresh evaluation. Forgetting them keeps "a reused prefix equals fresh computation".
         self._forget_cache()
         self._backend.shift(keep, discard)
         del tokens[keep : keep + discard]
@@ -725,11 +727,6 @@ def load(
     backend_class = get_backend(name)
     opened = backend_class.open(path, BackendOptions(n_ctx=n_ctx, n_threads=n_threads, extra=dict(options)))
     return Engine(opened, model_path=path, on_overflow=on_overflow)
-
-
-def _dropped_prompt(request: _Request, truncated: int) -> int:
-    """Prompt tokens dropped before evaluation (shift drops happen later, from the cache)."""
-    return truncated if request.on_overflow == "truncate_left" else 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -16,8 +16,8 @@ Cache layout, under :func:`home`::
                                  when a killed process left it behind
     .lockfile.lock               flock: one rewrite of the lock file at a time
 
-A cache hit costs a stat: the artifact is re-hashed only when its size, mtime, ctime or inode
-differ from what pin.json recorded. :func:`verify` always re-hashes. A cached file that no
+A cache hit costs a stat, not a hash: the artifact is re-hashed only when its size, mtime,
+ctime or inode differ from what pin.json recorded. :func:`verify` always re-hashes. A cached file that no
 longer matches its pin is deleted and fetched again by :func:`fetch` (and so by
 :func:`resolve` and ``edgegemma.load``); :func:`verify` only reports it.
 

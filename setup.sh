@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up edgegemma in ./.venv (everything the tests need) and run Gemma 3 270M once.
+# llama-cpp-python has no wheels on PyPI: pip compiles llama.cpp here (5-10 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "edgegemma needs Python 3.11+"'
+
+# The bench's ssh target is tested against a real sshd on localhost.
+if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null
+    else
+        echo "note: install openssh-server (sshd) for the bench's ssh-target test" >&2
+    fi
+fi
+
+[ -d .venv ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -e ".[dev]"
+
+.venv/bin/edgegemma generate "The capital of France is" --max-tokens 24 --stats

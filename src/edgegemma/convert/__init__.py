@@ -1,1 +1,0 @@
-"""Build other formats of a model from its GGUF."""
