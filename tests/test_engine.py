@@ -438,3 +438,30 @@ def test_threads_are_serialized_with_per_call_adapters(clean_engine, lora_dir: P
     for t in threads:
         t.join()
     assert all(results[i] == expected[i % 3] for i in range(9))
+
+
+def test_timeout_ends_generation_early_and_keeps_the_text(clean_engine):
+    result = clean_engine.generate(PROMPT, max_tokens=1000, timeout=1.0)
+    assert result.finish_reason == "timeout"
+    assert result.finish_detail == "timeout (1.0 s) reached"
+    assert 0 < result.stats.completion_tokens < 1000
+    expected = clean_engine.generate(PROMPT, max_tokens=result.stats.completion_tokens)
+    assert result.token_ids == expected.token_ids
+    with pytest.raises(InvalidParameterError):
+        clean_engine.generate(PROMPT, timeout=0)
+
+
+def test_close_from_another_thread_ends_a_running_generation(gguf_path):
+    engine = edgegemma.load(gguf_path, n_ctx=512, n_threads=2)
+    stream = engine.stream(PROMPT, max_tokens=400)
+    next(stream)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    pieces = list(stream)
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    assert stream.result.finish_reason == "cancelled"
+    assert stream.result.stats.completion_tokens < 400
+    assert isinstance(pieces, list)
+    with pytest.raises(EngineClosedError):
+        engine.generate(PROMPT)

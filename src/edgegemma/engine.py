@@ -37,7 +37,7 @@ log = logging.getLogger("edgegemma")
 
 OverflowPolicy = Literal["error", "truncate_left", "shift"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("error", "truncate_left", "shift")
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 
 
 class _EngineAdapters:
@@ -105,6 +105,7 @@ class _Request:
     stop: tuple[str, ...]
     adapters: dict[str, float]
     on_overflow: str
+    timeout: float | None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -281,6 +282,7 @@ class Engine:
         adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
         on_overflow: OverflowPolicy | None = None,
         keep: int | str = 0,
+        timeout: float | None = None,
     ) -> Result:
         """Generate a continuation of ``prompt`` (text, or token ids taken as they are).
 
@@ -288,7 +290,8 @@ class Engine:
         ``adapters`` overrides the engine's adapter set for this call only.
         ``on_overflow`` overrides the engine's context policy; ``keep`` is the protected
         prompt prefix (a token count, or a string the prompt starts with) that
-        ``truncate_left`` and ``shift`` never drop.
+        ``truncate_left`` and ``shift`` never drop. ``timeout`` (seconds, from this call) ends
+        generation early with finish_reason ``"timeout"``; the text so far is returned.
         """
         stream = self.stream(
             prompt,
@@ -303,6 +306,7 @@ class Engine:
             adapters=adapters,
             on_overflow=on_overflow,
             keep=keep,
+            timeout=timeout,
         )
         with stream:
             for _ in stream:
@@ -324,6 +328,7 @@ class Engine:
         adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
         on_overflow: OverflowPolicy | None = None,
         keep: int | str = 0,
+        timeout: float | None = None,
     ) -> Stream:
         """Like :meth:`generate`, but yields text pieces as they are produced."""
         self._check_open()
@@ -351,6 +356,10 @@ class Engine:
                 'use on_overflow="truncate_left" or "error"'
             )
         stops = _check_stop(stop)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+        ):
+            raise InvalidParameterError(f"timeout must be a positive number of seconds, got {timeout!r}")
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
         if isinstance(prompt, str):
             prompt_ids = self.tokenize(prompt)
@@ -367,6 +376,7 @@ class Engine:
             stop=stops,
             adapters=dict(active),
             on_overflow=policy,
+            timeout=timeout,
         )
         return Stream(self, request)
 
@@ -430,10 +440,14 @@ class Engine:
         first_token_at: float | None = None
         last_token_at = time.perf_counter()
         sampled = 0
+        deadline = request.started + request.timeout if request.timeout is not None else math.inf
         try:
             while len(generated) < limit:
                 if self._closed:
                     finish, detail = "cancelled", "the engine was closed"
+                    break
+                if time.perf_counter() > deadline:
+                    finish, detail = "timeout", f"timeout ({request.timeout} s) reached"
                     break
                 if len(tokens) > n_ctx:  # the pending token would not fit: make room
                     truncated += self._shift(tokens, request.protected)
