@@ -18,6 +18,8 @@ fi
 
 [ -d .venv ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# torch first: its CPU wheel; an unpinned torch pulled in later would bring GBs of CUDA.
+.venv/bin/python -m pip install torch==2.13.0
 .venv/bin/python -m pip install -e ".[dev]"
 
 .venv/bin/edgegemma generate "The capital of France is" --max-tokens 24 --stats

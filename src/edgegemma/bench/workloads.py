@@ -1,0 +1,162 @@
+"""What the bench runs: synthetic token workloads and task workloads from JSONL files.
+
+Synthetic workloads follow llama-bench: ``pp N`` evaluates an N-token prompt and samples one
+token (prefill speed), ``tg N`` generates N tokens after a one-token prompt (decode speed).
+Their prompts are token ids, fed to the model as they are.
+
+A task workload is a JSONL file, one request per line::
+
+    {"prompt": "...", "expected": "warning", "max_tokens": 4, "stop": ["\\n"]}
+
+``max_tokens`` (default 4) and ``stop`` (default a newline) are optional; other keys (such as
+the raw ``input``) are kept for people and ignored; ``completion`` stands in for a missing
+``expected``, so a prompt/completion training file works as it is. A generation is correct
+when its first word, lowercased and stripped of punctuation, equals ``expected`` treated the
+same way. Workloads shipped with edgegemma live in ``edgegemma/data/workloads`` and are named by their
+file stem (``sensor``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from ..errors import InvalidParameterError
+
+DEFAULT_TASK_MAX_TOKENS = 4
+DEFAULT_TASK_STOP = ("\n",)
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    kind: Literal["pp", "tg"]
+    tokens: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.tokens}"
+
+    @property
+    def prompt_length(self) -> int:
+        return self.tokens if self.kind == "pp" else 1
+
+    @property
+    def max_tokens(self) -> int:
+        return 1 if self.kind == "pp" else self.tokens
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    prompt: str
+    expected: str
+    max_tokens: int = DEFAULT_TASK_MAX_TOKENS
+    stop: tuple[str, ...] = DEFAULT_TASK_STOP
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str
+    """The shipped name or the path it was read from."""
+    examples: tuple[TaskExample, ...]
+
+
+Workload = Synthetic | Task
+
+
+def synthetic_ids(
+    workload: Synthetic,
+    *,
+    repetition: int,
+    vocab_size: int,
+    bos_id: int | None,
+    ids: Literal["random", "fixed"],
+    seed: int,
+) -> list[int]:
+    """The prompt of one repetition: BOS, then ids drawn uniformly from the vocabulary.
+
+    ``random`` draws new ids for every repetition; ``fixed`` repeats the same ids. Callers
+    reset the KV cache between repetitions either way, so no prompt is served from cache.
+    """
+    rng = random.Random(f"{seed}:{workload.name}:{repetition if ids == 'random' else 0}")
+    head = [bos_id] if bos_id is not None else []
+    return head + [rng.randrange(vocab_size) for _ in range(workload.prompt_length - len(head))]
+
+
+def shipped_tasks() -> list[str]:
+    """Names of the task workloads that come with edgegemma."""
+    folder = resources.files("edgegemma") / "data" / "workloads"
+    return sorted(p.name[: -len(".jsonl")] for p in folder.iterdir() if p.name.endswith(".jsonl"))
+
+
+def load_task(spec: str, *, limit: int | None = None) -> Task:
+    """A shipped task by name, or a JSONL file by path; ``limit`` keeps the first N examples."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl" or path.exists():
+        if not path.is_file():
+            raise InvalidParameterError(f"task workload file not found: {path}")
+        text, name = path.read_text(encoding="utf-8"), path.stem
+    elif spec in shipped_tasks():
+        resource = resources.files("edgegemma") / "data" / "workloads" / f"{spec}.jsonl"
+        text, name = resource.read_text(encoding="utf-8"), spec
+    else:
+        raise InvalidParameterError(
+            f"no task workload {spec!r}: give a .jsonl path or one of {', '.join(shipped_tasks())}"
+        )
+    examples = tuple(
+        _parse_line(spec, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()
+    )
+    if not examples:
+        raise InvalidParameterError(f"task workload {spec} has no examples")
+    if limit is not None:
+        examples = examples[:limit]
+    return Task(name=name, source=spec, examples=examples)
+
+
+def _parse_line(spec: str, number: int, line: str) -> TaskExample:
+    where = f"{spec} line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise InvalidParameterError(f"{where} must be a JSON object")
+    prompt, expected = row.get("prompt"), row.get("expected", row.get("completion"))
+    if not isinstance(prompt, str) or not prompt or not isinstance(expected, str) or not expected:
+        raise InvalidParameterError(
+            f'{where} needs non-empty string fields "prompt" and "expected"'
+        )
+    max_tokens = row.get("max_tokens", DEFAULT_TASK_MAX_TOKENS)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidParameterError(f"{where}: max_tokens must be a positive integer")
+    stop = row.get("stop", list(DEFAULT_TASK_STOP))
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidParameterError(f"{where}: stop must be a list of non-empty strings")
+    return TaskExample(prompt=prompt, expected=expected, max_tokens=max_tokens, stop=tuple(stop))
+
+
+def normalize_label(text: str) -> str:
+    """The first word of ``text``, lowercased, without surrounding punctuation."""
+    words = text.strip().split()
+    return words[0].strip(".,;:!?\"'()[]{}*").lower() if words else ""
+
+
+def is_correct(generated: str, expected: str) -> bool:
+    return normalize_label(generated) == normalize_label(expected)
+
+
+def parse_sizes(value: str, option: str) -> list[int]:
+    """``"128,512"`` -> ``[128, 512]``; ``"0"`` -> ``[]`` (the workload is skipped)."""
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidParameterError(
+            f"{option} takes comma-separated token counts, got {value!r}"
+        ) from None
+    if any(s < 0 for s in sizes):
+        raise InvalidParameterError(f"{option} token counts must be >= 0, got {value!r}")
+    return [s for s in sizes if s > 0]

@@ -1,0 +1,509 @@
+"""ONNX Runtime GenAI backend (``pip install 'edgegemma[onnx]'``).
+
+A model is a folder with ``genai_config.json``, built by ``edgegemma convert MODEL --to
+onnx``; opening the GGUF of a models.lock name finds that build in the cache. The runtime
+evaluates tokens (``Generator.append_tokens``); tokens are chosen here from its logits, so
+sampling means the same as on llama.cpp (top-k, top-p, min-p, temperature, repeat penalty,
+seed), which the runtime's own search options cannot express.
+
+LoRA: a model built with LoRA inputs takes ``.onnx_adapter`` files (see
+:func:`edgegemma.peft.to_onnx_adapter`), activated per generator. The runtime applies one
+adapter at a time and has no scale, so a set of adapters with scales is merged into one
+adapter file: concatenating the LoRA ranks makes ``sum(scale_i * B_i @ A_i)`` exactly.
+
+KV reuse: the sliding-window layers are given room for the whole context window
+(``cache_slack``), so ``rewind_to`` can keep any prefix; if the runtime refuses anyway, the
+sequence is recomputed. ``shift`` re-evaluates the kept tokens in a fresh generator.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import onnxruntime_genai as og
+
+from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo
+from .convert.onnx_model import LORA_FILE
+from .errors import (
+    AdapterError,
+    ContextOverflowError,
+    ConversionError,
+    InvalidParameterError,
+    ModelError,
+)
+from .sampling import SamplingParams
+
+CONFIG_FILE = "genai_config.json"
+
+_MIN_MAX_LENGTH = 512
+"""The runtime refuses a KV capacity below the sliding window of Gemma 3."""
+_END_TOKENS = ("<end_of_turn>", "</s>")
+"""End generation besides eos, as llama.cpp decides for this vocabulary."""
+_OPTIONS = ("precision", "quant_method", "lora_targets")
+
+
+@dataclass(frozen=True)
+class LoraInput:
+    """The graph inputs that adapt one Hugging Face module: A (n_in, rank), B (rank, n_out)."""
+
+    a: str
+    b: str
+    n_in: int
+    n_out: int
+
+
+def lora_inputs(model_dir: Path) -> dict[str, LoraInput]:
+    """The LoRA inputs of a built model by HF module name (empty: built without LoRA)."""
+    path = Path(model_dir) / LORA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        modules = json.loads(path.read_text())["modules"]
+        return {
+            name: LoraInput(m["a"], m["b"], int(m["n_in"]), int(m["n_out"]))
+            for name, m in modules.items()
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path} is malformed: {exc}") from None
+
+
+@dataclass
+class _Adapter:
+    name: str
+    """Its name inside the runtime's ``Adapters``."""
+    path: Path
+    parameters: dict[str, np.ndarray]
+
+
+class OnnxGenAIBackend(Backend):
+    name = "onnx"
+
+    def __init__(self, path: Path, model: og.Model, config: dict, n_ctx: int, max_length: int):
+        self._path = path
+        self._model = model
+        self._tokenizer = og.Tokenizer(model)
+        self._max_length = max_length
+        self._lora = lora_inputs(path)
+        self._lora_input_names = {name for spec in self._lora.values() for name in (spec.a, spec.b)}
+        self._runtime_adapters = og.Adapters(model) if self._lora else None
+        self._adapters: dict[str, _Adapter] = {}
+        self._merged: dict[tuple[tuple[str, float], ...], str] = {}
+        self._names = iter(range(1, 1 << 62))
+        self._scratch = tempfile.TemporaryDirectory(prefix="edgegemma-onnx-adapters-")
+        self._generator: og.Generator | None = None
+        self._active: str | None = None  # runtime adapter name of the current generator
+        self._evaluated: list[int] = []
+        self._pending: int | None = None
+        self._sampler: _Sampler | None = None
+        facts = config["model"]
+        eos = facts.get("eos_token_id", [])
+        eog = set(eos if isinstance(eos, list) else [eos])
+        eog.update(t for t in map(self._tokenizer.to_token_id, _END_TOKENS) if t >= 0)
+        self._bytes = _TokenBytes(self._tokenizer, _special_tokens(path) | eog)
+        lora = f"LoRA inputs on {len(self._lora)} projections" if self._lora else "no LoRA inputs"
+        self.info = ModelInfo(
+            architecture="gemma3" if facts["type"].startswith("gemma3") else facts["type"],
+            n_ctx=n_ctx,
+            n_ctx_train=int(facts["context_length"]),
+            vocab_size=int(facts["vocab_size"]),
+            bos_id=facts.get("bos_token_id"),
+            eog_ids=frozenset(eog),
+            can_shift=True,
+            description=f"{facts['type']} ONNX ({path.name}), {lora}",
+        )
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+    @classmethod
+    def open(cls, path: Path, options: BackendOptions) -> OnnxGenAIBackend:
+        unknown = set(options.extra) - set(_OPTIONS)
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown onnx options: {', '.join(sorted(unknown))} (known: {', '.join(_OPTIONS)})"
+            )
+        if path.is_file():
+            path = _built_model(path, options.extra)
+        elif options.extra:
+            raise InvalidParameterError(
+                f"{', '.join(sorted(options.extra))} only apply when opening a GGUF"
+            )
+        if not cls.accepts(path):
+            raise ModelError(f"{path} is not an ONNX Runtime GenAI model folder (no {CONFIG_FILE})")
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+            decoder = config["model"]["decoder"]
+            n_ctx_train = int(config["model"]["context_length"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path / CONFIG_FILE} is unusable: {exc}") from None
+        if options.n_ctx > n_ctx_train:
+            raise InvalidParameterError(
+                f"n_ctx={options.n_ctx} is larger than the {n_ctx_train} tokens {path.name} was trained for"
+            )
+        max_length = max(options.n_ctx, _MIN_MAX_LENGTH)
+        session = {"intra_op_num_threads": options.n_threads, "inter_op_num_threads": 1}
+        decoder_overlay: dict = {"session_options": session}
+        window = decoder.get("sliding_window")
+        if window:
+            # Keep every position of the context in the sliding layers' cache: rewind_to can then
+            # reuse any prefix (costs the same KV memory as a full-attention layer).
+            window = dict(window, cache_slack=max(0, max_length - int(window["window_size"])))
+            decoder_overlay["sliding_window"] = window
+        try:
+            runtime_config = og.Config(str(path))
+            runtime_config.clear_providers()
+            runtime_config.overlay(json.dumps({"model": {"decoder": decoder_overlay}}))
+            model = og.Model(runtime_config)
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime GenAI could not load {path}: {exc}") from exc
+        return cls(path, model, config, options.n_ctx, max_length)
+
+    # -- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer.encode(text)]
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._bytes(token)
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def load_adapter(self, path: Path) -> AdapterHandle:
+        if not self._lora:
+            raise AdapterError(
+                f"{self._path.name} was built without LoRA inputs (--no-lora); rebuild it with "
+                "`edgegemma convert MODEL --to onnx` to use adapters"
+            )
+        parameters = self._read_adapter(path)
+        name = self._load_runtime(path)
+        self._adapters[name] = _Adapter(name, path, parameters)
+        return name
+
+    def free_adapter(self, handle: AdapterHandle) -> None:
+        adapter = self._adapters.pop(handle)
+        for key, merged in list(self._merged.items()):
+            if any(name == handle for name, _ in key):
+                del self._merged[key]
+                self._unload_runtime(merged)
+        self._unload_runtime(adapter.name)
+
+    def _read_adapter(self, path: Path) -> dict[str, np.ndarray]:
+        """The adapter's matrices, checked against the model's LoRA inputs."""
+        try:
+            # The parameters point into the reader's memory: copy them while it is alive.
+            reader = ort.AdapterFormat.read_adapter(str(path))
+            parameters = {
+                name: np.array(value.numpy()) for name, value in reader.get_parameters().items()
+            }
+            del reader
+        except RuntimeError as exc:
+            raise AdapterError(f"{path.name} is not a readable .onnx_adapter file: {exc}") from None
+        if not parameters:
+            raise AdapterError(f"{path.name} holds no parameters")
+        unknown = sorted(set(parameters) - self._lora_input_names)
+        if unknown:
+            targets = sorted({m.rsplit(".", 1)[-1] for m in self._lora})
+            raise AdapterError(
+                f"{path.name} has parameters {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''} "
+                f"that the model has no LoRA inputs for (it takes adapters on: {', '.join(targets)})"
+            )
+        for module, spec in self._lora.items():
+            a, b = parameters.get(spec.a), parameters.get(spec.b)
+            if (a is None) != (b is None):
+                raise AdapterError(f"{path.name}: {module} needs both its A and B matrices")
+            if a is None:
+                continue
+            if a.dtype != np.float32 or b.dtype != np.float32:
+                raise AdapterError(
+                    f"{path.name}: {module} is {a.dtype}/{b.dtype}; the model takes float32"
+                )
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+                raise AdapterError(
+                    f"{path.name}: {module} has A {a.shape} and B {b.shape}, which share no rank"
+                )
+            if a.shape[0] != spec.n_in or b.shape[1] != spec.n_out:
+                raise AdapterError(
+                    f"{path.name}: {module} maps {a.shape[0]} -> {b.shape[1]} but the model's layer "
+                    f"maps {spec.n_in} -> {spec.n_out} (an adapter for another model?)"
+                )
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise AdapterError(f"{path.name}: {module} contains NaN or infinite values")
+        return parameters
+
+    def _load_runtime(self, path: Path) -> str:
+        assert self._runtime_adapters is not None
+        name = f"adapter-{next(self._names)}"
+        try:
+            self._runtime_adapters.load(str(path), name)
+        except RuntimeError as exc:
+            raise AdapterError(f"ONNX Runtime GenAI rejected {path.name}: {exc}") from exc
+        return name
+
+    def _unload_runtime(self, name: str) -> None:
+        if self._active == name:  # the runtime refuses to unload an adapter in use
+            self._drop_generator()
+        assert self._runtime_adapters is not None
+        self._runtime_adapters.unload(name)
+
+    def _runtime_adapter(self, adapters: Sequence[tuple[AdapterHandle, float]]) -> str | None:
+        """The runtime adapter that applies ``adapters``: one as it is, else a merged one."""
+        if not adapters:
+            return None
+        if len(adapters) == 1 and adapters[0][1] == 1.0:
+            return adapters[0][0]
+        key = tuple(sorted((handle, float(scale)) for handle, scale in adapters))
+        merged = self._merged.get(key)
+        if merged is None:
+            path = Path(self._scratch.name) / f"merged-{next(self._names)}.onnx_adapter"
+            write_onnx_adapter(path, self._merge(key))
+            merged = self._merged[key] = self._load_runtime(path)
+        return merged
+
+    def _merge(self, key: tuple[tuple[str, float], ...]) -> dict[str, np.ndarray]:
+        merged = {}
+        for spec in self._lora.values():
+            parts = [
+                (
+                    self._adapters[handle].parameters[spec.a],
+                    self._adapters[handle].parameters[spec.b] * scale,
+                )
+                for handle, scale in key
+                if spec.a in self._adapters[handle].parameters
+            ]
+            if parts:
+                merged[spec.a] = np.concatenate([a for a, _ in parts], axis=1)
+                merged[spec.b] = np.concatenate([b for _, b in parts], axis=0)
+        return merged
+
+    # -- generation ------------------------------------------------------------------------
+
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        if len(tokens) > self._max_length:
+            raise ContextOverflowError(
+                f"{len(tokens)} tokens do not fit the KV cache of {self._max_length}",
+                prompt_tokens=len(tokens),
+                max_tokens=None,
+                n_ctx=self.info.n_ctx,
+            )
+        adapter = self._runtime_adapter(adapters)
+        self._pending = None
+        keep = min(reuse, len(self._evaluated), len(tokens) - 1)
+        if (
+            self._generator is None
+            or adapter != self._active
+            or keep == 0
+            or not self._rewind(keep)
+        ):
+            keep = 0
+            self._new_generator(adapter)
+        self._append(tokens[keep:])
+        self._sampler = _Sampler(sampling, tokens)
+        return keep
+
+    def next_token(self) -> int:
+        if self._pending is not None:
+            self._append([self._pending])
+            self._pending = None
+        assert self._generator is not None and self._sampler is not None
+        logits = self._generator.get_logits().reshape(-1)
+        token = self._sampler.sample(logits)
+        self._pending = token
+        return token
+
+    def shift(self, keep: int, discard: int) -> None:
+        kept = self._evaluated[:keep] + self._evaluated[keep + discard :]
+        pending = self._pending
+        self._new_generator(self._active)
+        self._append(kept)
+        self._pending = pending
+
+    def _rewind(self, keep: int) -> bool:
+        assert self._generator is not None
+        try:
+            self._generator.rewind_to(keep)
+        except RuntimeError:  # e.g. the sliding window evicted what a rewind would need
+            return False
+        del self._evaluated[keep:]
+        return True
+
+    def _new_generator(self, adapter: str | None) -> None:
+        self._drop_generator()
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(max_length=self._max_length)
+        generator = og.Generator(self._model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self._runtime_adapters, adapter)
+        self._generator = generator
+        self._active = adapter
+
+    def _drop_generator(self) -> None:
+        self._generator = None
+        self._active = None
+        self._evaluated = []
+        self._pending = None
+
+    def _append(self, tokens: Sequence[int]) -> None:
+        assert self._generator is not None
+        try:
+            self._generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+        except Exception:
+            self._drop_generator()  # its state is unknown now
+            raise
+        self._evaluated.extend(tokens)
+
+    def close(self) -> None:
+        self._drop_generator()
+        if self._runtime_adapters is not None:
+            for name in [*self._merged.values(), *self._adapters]:
+                self._runtime_adapters.unload(name)
+        self._merged.clear()
+        self._adapters.clear()
+        self._runtime_adapters = None
+        self._scratch.cleanup()
+        del self._tokenizer
+        del self._model
+
+
+def _built_model(gguf_path: Path, extra: Mapping[str, object]) -> Path:
+    """The cached ONNX build of a GGUF (``edgegemma convert ... --to onnx``)."""
+    from .convert import built_model
+    from .convert.onnx_model import build_options
+
+    try:
+        options = build_options(**extra)  # type: ignore[arg-type]
+    except ConversionError as exc:
+        raise InvalidParameterError(str(exc)) from None
+    found = built_model(gguf_path, "onnx", options)
+    if found is None:
+        flags = "".join(
+            f" --{name.replace('_', '-')} {value}"
+            for name, value in options.items()
+            if value != build_options()[name] and not (name == "quant_method" and value == "none")
+        )
+        raise ModelError(
+            f"no ONNX build of {gguf_path.name} with {options} in the cache; build it with "
+            f"`edgegemma convert {gguf_path} --to onnx{flags}` (needs `pip install 'edgegemma[convert]'`)"
+        )
+    return found
+
+
+def _special_tokens(model_dir: Path) -> set[int]:
+    """Ids of the tokenizer's special added tokens (``<bos>``, ``<start_of_turn>``, ...)."""
+    path = model_dir / "tokenizer.json"
+    try:
+        # Only the added_tokens list near the top is parsed: the whole 33 MB file as a str and
+        # a JSON tree would raise the process's peak memory by ~0.25 GB.
+        data = path.read_bytes()
+        start = data.index(b"[", data.index(b'"added_tokens"'))
+        window = 1 << 20
+        while True:
+            text = data[start : start + window].decode("utf-8", errors="ignore")
+            try:
+                added, _ = json.JSONDecoder().raw_decode(text)
+                break
+            except ValueError:
+                if start + window >= len(data):
+                    raise
+                window *= 4
+        return {int(token["id"]) for token in added if token.get("special")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot read the special tokens of {path}: {exc}") from None
+
+
+def write_onnx_adapter(path: Path, parameters: Mapping[str, np.ndarray]) -> None:
+    """Write named float32 matrices as an ONNX Runtime ``.onnx_adapter`` file."""
+    # OrtValues borrow the arrays' memory on CPU: keep the arrays alive until the export.
+    arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in parameters.items()}
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters(
+        {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+    )
+    adapter.export_adapter(str(path))
+
+
+class _TokenBytes:
+    """Bytes of single tokens, as llama.cpp renders them.
+
+    Byte-fallback tokens (``<0xNN>``) are one raw byte (the runtime's decode would give
+    U+FFFD for half a character); special and end-of-generation tokens are empty.
+    """
+
+    def __init__(self, tokenizer: og.Tokenizer, special: set[int]):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, bytes] = dict.fromkeys(special, b"")
+        for value in range(256):
+            token = tokenizer.to_token_id(f"<0x{value:02X}>")
+            if token >= 0:
+                self._cache[token] = bytes([value])
+
+    def __call__(self, token: int) -> bytes:
+        piece = self._cache.get(token)
+        if piece is None:
+            piece = self._cache[token] = self._tokenizer.decode(
+                np.asarray([token], dtype=np.int32)
+            ).encode()
+        return piece
+
+
+class _Sampler:
+    """llama.cpp's sampler chain in numpy: penalties, then greedy or top-k, top-p, min-p, temp, draw."""
+
+    def __init__(self, params: SamplingParams, history: Sequence[int]):
+        self._params = params
+        self._recent = list(history[-params.repeat_last_n :]) if params.repeat_last_n else []
+        self._rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray) -> int:
+        p = self._params
+        logits = logits.astype(np.float32, copy=True)
+        if p.repeat_penalty != 1.0 and self._recent:
+            seen = np.unique(np.asarray(self._recent))
+            values = logits[seen]
+            logits[seen] = np.where(
+                values > 0, values / p.repeat_penalty, values * p.repeat_penalty
+            )
+        if p.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = self._draw(logits)
+        if p.repeat_last_n:
+            self._recent.append(token)
+            del self._recent[: -p.repeat_last_n]
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self._params
+        if 0 < p.top_k < logits.size:
+            candidates = np.argpartition(logits, -p.top_k)[-p.top_k :]
+        else:
+            candidates = np.arange(logits.size)
+        candidates = candidates[np.argsort(-logits[candidates], kind="stable")]
+        values = logits[candidates].astype(np.float64)
+        probs = _softmax(values)
+        if p.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+            candidates, values, probs = candidates[:cut], values[:cut], probs[:cut]
+        if p.min_p > 0.0:
+            keep = probs >= p.min_p * probs[0]
+            candidates, values = candidates[keep], values[keep]
+        final = _softmax(values / p.temperature)
+        return int(candidates[self._rng.choice(len(candidates), p=final)])
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    exp = np.exp(values - values.max())
+    return exp / exp.sum()

@@ -1,0 +1,299 @@
+"""PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``), with numpy only.
+
+:func:`read_peft` reads a PEFT adapter folder into plain arrays keyed by Hugging Face module
+name; converters to each runtime's format start from it (:func:`to_onnx_adapter` here). No
+torch is needed, so adapters can be converted on the device. The safetensors container is
+read and written here directly: it is a JSON header plus raw little-endian arrays, and
+bfloat16, common in trained adapters, has no numpy dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
+}
+_MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """One adapted linear layer: ``y += scale * B @ A @ x``."""
+
+    a: np.ndarray
+    """float32, shape (rank, n_in): PEFT's ``lora_A.weight``."""
+    b: np.ndarray
+    """float32, shape (n_out, rank): PEFT's ``lora_B.weight``."""
+    scale: float
+    """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    path: Path
+    rank: int
+    """The config's default rank ``r`` (a module may differ through ``rank_pattern``)."""
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    """Short module names the adapter touches, e.g. ``("q_proj", "v_proj")``."""
+    weights: dict[str, LoraWeight]
+    """By Hugging Face module name, e.g. ``model.layers.0.self_attn.q_proj``."""
+
+
+def read_peft(path: str | os.PathLike[str]) -> PeftAdapter:
+    """Read a PEFT LoRA adapter folder; :class:`AdapterError` says what is unsupported or broken."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is not a PEFT adapter folder")
+    config = _read_config(folder)
+    tensors = read_safetensors(folder / WEIGHTS_FILE)
+    rank = config["r"]
+    alpha = float(config.get("lora_alpha", rank))
+    use_rslora = bool(config.get("use_rslora", False))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = config.get("rank_pattern") or {}
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, array in tensors.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if match is None:
+            raise AdapterError(
+                f"{folder.name}: unsupported tensor {key!r} (only LoRA A/B matrices of linear "
+                "layers can be converted)"
+            )
+        pairs.setdefault(match[1], {})[match[2]] = array
+    if not pairs:
+        raise AdapterError(f"{folder.name}: {WEIGHTS_FILE} holds no LoRA matrices")
+    weights = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{folder.name}: {module} needs both lora_A and lora_B")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"{folder.name}: {module} has lora_A {a.shape} and lora_B {b.shape}, "
+                "which do not share a rank"
+            )
+        expected_rank = _pattern_value(rank_pattern, module, rank)
+        if a.shape[0] != expected_rank:
+            raise AdapterError(
+                f"{folder.name}: {module} has rank {a.shape[0]} but the config says {expected_rank}"
+            )
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise AdapterError(f"{folder.name}: {module} contains NaN or infinite values")
+        module_alpha = float(_pattern_value(alpha_pattern, module, alpha))
+        divisor = math.sqrt(a.shape[0]) if use_rslora else a.shape[0]
+        weights[module] = LoraWeight(a=a, b=b, scale=module_alpha / divisor)
+    return PeftAdapter(
+        path=folder,
+        rank=rank,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights})),
+        weights=weights,
+    )
+
+
+def write_peft(
+    path: str | os.PathLike[str],
+    weights: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    alpha: float,
+    use_rslora: bool = False,
+) -> Path:
+    """Write ``{module name: (A (rank, n_in), B (n_out, rank))}`` as a PEFT LoRA folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = {a.shape[0] for a, _ in weights.values()}
+    if len(ranks) != 1:
+        raise AdapterError(f"write_peft takes one rank for all modules, got {sorted(ranks)}")
+    tensors = {}
+    for module, (a, b) in weights.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(a, dtype=np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.asarray(b, dtype=np.float32)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": ranks.pop(),
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in weights}),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(folder / WEIGHTS_FILE, tensors)
+    return folder
+
+
+def to_onnx_adapter(
+    peft: PeftAdapter, out_path: str | os.PathLike[str], model_dir: str | os.PathLike[str]
+) -> Path:
+    """Write ``peft`` as an ONNX Runtime ``.onnx_adapter`` file for the model built in ``model_dir``.
+
+    The model must have been built with LoRA inputs on every module the adapter touches
+    (``edgegemma convert MODEL --to onnx --lora-targets ...``). The matrices are transposed
+    to the graph's (n_in, rank) and (rank, n_out) layout and B is multiplied by the scale.
+    """
+    from .onnxgenai import lora_inputs, write_onnx_adapter
+
+    inputs = lora_inputs(Path(model_dir))
+    if not inputs:
+        raise AdapterError(f"{model_dir} was built without LoRA inputs; it cannot take adapters")
+    unknown = sorted(set(peft.weights) - set(inputs))
+    if unknown:
+        known = sorted({m.rsplit(".", 1)[-1] for m in inputs})
+        raise AdapterError(
+            f"{peft.path.name} adapts {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}, "
+            f"which the model has no LoRA inputs for (it was built for: {', '.join(known)})"
+        )
+    parameters = {}
+    for module, weight in peft.weights.items():
+        spec = inputs[module]
+        if weight.a.shape[1] != spec.n_in or weight.b.shape[0] != spec.n_out:
+            raise AdapterError(
+                f"{peft.path.name}: {module} maps {weight.a.shape[1]} -> {weight.b.shape[0]} but the "
+                f"model's layer maps {spec.n_in} -> {spec.n_out} (an adapter for another model?)"
+            )
+        parameters[spec.a] = weight.a.T
+        parameters[spec.b] = weight.b.T * np.float32(weight.scale)
+    out = Path(out_path)
+    partial = out.with_name(out.name + ".partial")
+    write_onnx_adapter(partial, parameters)
+    os.replace(partial, out)
+    return out
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Float tensors of a safetensors file as float32 arrays."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterError(f"{path.parent.name}: {path.name} not found") from None
+    if len(data) < 8:
+        raise AdapterError(f"{path} is not a safetensors file (only {len(data)} bytes)")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > min(_MAX_HEADER, len(data) - 8):
+        raise AdapterError(f"{path} is not a safetensors file or is truncated")
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except ValueError:
+        raise AdapterError(f"{path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path} has a corrupt safetensors header")
+    body = memoryview(data)[8 + header_size :]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise AdapterError(f"{path}: malformed entry for tensor {name!r}") from None
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise AdapterError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+        count = math.prod(shape)
+        if not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
+            raise AdapterError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+        array = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+        if dtype_name == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = array.astype(np.float32)
+    return tensors
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write float32 arrays as a safetensors file."""
+    header: dict[str, object] = {}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        blob = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for blob in blobs:
+            f.write(blob)
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(
+            f"{folder.name}: {CONFIG_FILE} not found (not a PEFT adapter?)"
+        ) from None
+    except ValueError as exc:
+        raise AdapterError(f"{folder.name}: {CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{folder.name}: {CONFIG_FILE} is not a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(
+            f"{folder.name} is a {config.get('peft_type')} adapter; only LoRA is supported"
+        )
+    refused = {
+        "use_dora": "DoRA",
+        "modules_to_save": "modules_to_save (fully trained layers)",
+        "lora_bias": "LoRA bias vectors",
+        "layer_replication": "layer_replication",
+        "target_parameters": "target_parameters",
+        "use_qalora": "QA-LoRA",
+        "trainable_token_indices": "trainable_token_indices",
+    }
+    for key, feature in refused.items():
+        if config.get(key):
+            raise AdapterError(f"{folder.name} uses {feature}, which edgegemma cannot convert")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(
+            f"{folder.name} trains biases (bias={config['bias']!r}), which edgegemma cannot convert"
+        )
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{folder.name}: {CONFIG_FILE} has no valid rank r ({rank!r})")
+    alpha = config.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{folder.name}: lora_alpha must be a finite number, got {alpha!r}")
+    return config
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str, default: object) -> object:
+    """PEFT's per-module override: the first pattern that matches the end of the module name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
