@@ -363,6 +363,8 @@ class Engine:
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
         if isinstance(prompt, str):
             prompt_ids = self.tokenize(prompt)
+        elif isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidParameterError("the prompt is bytes; decode it to str (or pass token ids)")
         else:
             prompt_ids = self._check_ids(prompt)
         if not prompt_ids:
