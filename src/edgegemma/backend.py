@@ -132,6 +132,7 @@ class Backend(ABC):
 _BUILTIN_BACKENDS = {
     "llamacpp": "edgegemma.llamacpp:LlamaCppBackend",
     "onnx": "edgegemma.onnxgenai:OnnxGenAIBackend",
+    "mediapipe": "edgegemma.litertlm:LiteRTLMBackend",
 }
 
 

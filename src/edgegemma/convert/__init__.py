@@ -3,6 +3,8 @@
     edgegemma convert gemma3-270m --to onnx [--precision int4|int8|fp32] [--quant-method default|k_quant]
                                             [--lora-targets q,k,v,o | --no-lora]
     edgegemma convert PEFT_ADAPTER_DIR --to onnx [--base-model MODEL_DIR_OR_NAME] [-o FILE]
+    edgegemma convert gemma3-270m --to litertlm|task [--quant RECIPE] [--lora-rank 16|32] [--context N]
+    edgegemma convert PEFT_ADAPTER_DIR --to litertlm [--base-model MODEL_OR_BUNDLE] [--lora-rank 16|32]
 
 Models are built once into the build cache (see :mod:`edgegemma.convert.cache`) and the
 folder is printed with a models.lock-style record of what was built. Building models needs
@@ -91,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "whose build to use (default: %(default)s)",
     )
     parser.add_argument("-o", "--output", type=Path, help="adapter conversion: output file")
+    parser.add_argument("--quant", help="litertlm/task: quantization recipe (default: dynamic_int8; "
+                        "see docs/mediapipe.md)")
+    parser.add_argument("--lora-rank", type=int, choices=(16, 32),
+                        help="litertlm/task: take LoRA adapters of this rank (default: no LoRA inputs)")
+    parser.add_argument("--context", type=int, default=2048,
+                        help="litertlm/task: KV cache positions, the largest n_ctx (default: %(default)s)")
     args = parser.parse_args(argv)
     return _TARGETS[args.to](args)
 
@@ -124,8 +132,16 @@ def _onnx_adapter(source: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_litert(args: argparse.Namespace) -> int:
+    from .litert_model import convert_command
+
+    return convert_command(args)
+
+
 _TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
     "onnx": _to_onnx,
+    "litertlm": _to_litert,
+    "task": _to_litert,
 }
 """``--to`` choices: each takes the parsed arguments and returns the exit status."""
 
