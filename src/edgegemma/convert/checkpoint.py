@@ -8,6 +8,7 @@ transformers, gguf); takes ~1.5 min and ~3.3 GB of memory for Gemma 3 270M.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..errors import ConversionError
@@ -51,3 +52,35 @@ def _convert(gguf_path: Path, out: Path, progress: Progress | None) -> None:
     del loaded
     say("writing the float checkpoint")
     plain.save_pretrained(out)
+
+
+def build_from_gguf(
+    kind: str,
+    gguf_path: Path,
+    options: Mapping[str, str],
+    *,
+    recipe: str,
+    tools: tuple[str, ...],
+    build: Callable[[Path, Path], None],
+    progress: Progress | None = None,
+) -> Path:
+    """A cached ``kind`` build of ``gguf_path``: ``build(checkpoint, out)`` fills ``out``.
+
+    The key is the GGUF's sha256, the options, the recipe version and the tools' versions, so
+    any of them changing makes a new build and nothing else does.
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ConversionError(f"GGUF file not found: {gguf_path}")
+    key = {
+        "source_sha256": sha256_file(gguf_path),
+        **options,
+        "recipe": recipe,
+        **tool_versions(*tools),
+    }
+    return cached_build(
+        kind,
+        key,
+        lambda out: build(float_checkpoint(gguf_path, progress=progress), out),
+        progress=progress,
+    )

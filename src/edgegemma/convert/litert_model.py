@@ -36,8 +36,8 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..litert_lora import LORA_RANKS
-from .cache import Progress, cached_build, sha256_file, tool_versions
-from .checkpoint import float_checkpoint
+from .cache import Progress
+from .checkpoint import build_from_gguf
 
 KIND = "litert"
 QUANT_RECIPES = (
@@ -86,21 +86,16 @@ def build_options(
 
 def build_litert(gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None) -> Path:
     """The build folder (``model.litertlm``, ``model.task``) of ``gguf_path`` with ``options``."""
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise ConversionError(f"GGUF file not found: {gguf_path}")
-    key = {
-        "source_sha256": sha256_file(gguf_path),
-        **options,
-        "recipe": _RECIPE,
-        **tool_versions(*_TOOLS),
-    }
-
-    def build(out: Path) -> None:
-        checkpoint = float_checkpoint(gguf_path, progress=progress)
-        _build(checkpoint, out, options, progress or (lambda _message: None))
-
-    return cached_build(KIND, key, build, progress=progress)
+    say = progress or (lambda _message: None)
+    return build_from_gguf(
+        KIND,
+        gguf_path,
+        options,
+        recipe=_RECIPE,
+        tools=_TOOLS,
+        build=lambda checkpoint, out: _build(checkpoint, out, options, say),
+        progress=progress,
+    )
 
 
 def convert_command(args: argparse.Namespace) -> int:
