@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from edgegemma import skills
 from edgegemma.bench import cli, report
 from edgegemma.bench.stats import percentile, summarize
 from edgegemma.bench.targets import BenchRequest, split_model_specs, ssh_command
@@ -23,6 +23,7 @@ from edgegemma.bench.workloads import (
     synthetic_ids,
 )
 from edgegemma.errors import InvalidParameterError
+from edgegemma.skills import sensor
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = [
@@ -84,27 +85,21 @@ def test_shipped_sensor_task_loads():
     assert len(task.examples) >= 30
     labels = {e.expected for e in task.examples}
     assert labels == {"normal", "warning", "critical"}
-    assert all(e.prompt.endswith("Label:") and e.stop == ("\n",) for e in task.examples)
+    assert all(e.prompt.endswith("Status:") and e.stop == ("\n",) for e in task.examples)
     assert len(load_task("sensor", limit=3).examples) == 3
 
 
-def test_shipped_sensor_labels_follow_the_rule():
-    """Every expected label is what the issue's rule gives the reading (re-derived here)."""
-    spec = importlib.util.spec_from_file_location(
-        "make_sensor", REPO / "benchmarks/make_sensor_workload.py"
-    )
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    rows = [
-        json.loads(line) for line in (REPO / "src/edgegemma/data/workloads/sensor.jsonl").open()
-    ]
-    for row in rows:
-        fields = {}
-        for item in row["input"].split():
-            key, value = item.split("=")
-            fields[key] = value if key == "fan" else float(value.rstrip("CgV%"))
-        assert make.label(fields) == row["expected"], row["input"]
-        assert row["prompt"] == make.prompt(row["input"])
+def test_shipped_sensor_task_is_the_skills_held_out_split():
+    """Labels from the skill's rule; the base model's few-shot prompt; the adapter's own prompt."""
+    test_inputs = {e.input for e in skills.examples("sensor", "test")}
+    for row in map(json.loads, (REPO / "src/edgegemma/data/workloads/sensor.jsonl").open()):
+        assert row["input"] in test_inputs
+        assert row["expected"] == sensor.label(row["input"])
+        assert row["prompt"] == skills.few_shot_prompt("sensor", row["input"])
+        assert row["adapter_prompt"] == skills.sensor_prompt(row["input"])
+    example = load_task("sensor").examples[0]
+    assert example.prompt_for("sensor") == example.adapter_prompt
+    assert example.prompt_for(None) == example.prompt
 
 
 def test_task_files_are_checked(tmp_path):
@@ -181,6 +176,9 @@ def test_sizes_and_requests():
     assert again == request
     with pytest.raises(InvalidParameterError, match="NAME=PATH"):
         cli.request_from(cli.run_parser().parse_args(["--adapter", "nopath"]))
+    skill = cli.request_from(cli.run_parser().parse_args(["--adapter", "sensor"]))
+    assert skill.adapters_for("llamacpp") == {"sensor": str(skills.adapter_path("sensor"))}
+    assert cli.request_from(cli.run_parser().parse_args(skill.to_argv())) == skill
 
 
 def test_model_specs_split_by_backend():

@@ -144,10 +144,15 @@ def _corpus() -> list[str]:
     return [line for line in dict.fromkeys(lines) if line.strip()]
 
 
-def test_convert_cli_reuses_the_cache_and_converts_adapters(bundles, tmp_path, gguf_path):
+def test_adapters_cli_converts_for_the_gguf_or_the_bundle_alike(bundles, tmp_path, gguf_path):
     peft = _peft(tmp_path / "peft", seed=5, rank=4, std=0.05)
-    from_gguf = Path(_convert(str(peft), "--to", "litertlm", "--base-model", str(gguf_path), "-o", str(tmp_path / "g.lora"))[0])
-    from_bundle = Path(_convert(str(peft), "--to", "litertlm", "--base-model", str(bundles["task"]), "-o", str(tmp_path / "t.lora"))[0])
+    from_gguf, from_bundle = tmp_path / "g.lora", tmp_path / "t.lora"
+    for model, out in ((gguf_path, from_gguf), (bundles["task"], from_bundle)):
+        subprocess.run(
+            [sys.executable, "-m", "edgegemma", "adapters", "convert", str(peft), "--to", "mediapipe",
+             "--model", str(model), "-o", str(out)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
     assert from_gguf.read_bytes() == from_bundle.read_bytes()
     rank, tensors = read_lora(from_gguf)
     assert rank == 16 and len(tensors) == N_LAYERS * 8

@@ -127,8 +127,12 @@ def adapters(peft_dirs, onnx_int4, tmp_path_factory) -> dict[str, Path]:
     files = {}
     for name, folder in peft_dirs.items():
         out = root / f"{name}.onnx_adapter"
-        run = _convert(str(folder), "--to", "onnx", "--base-model", str(onnx_int4), "-o", str(out))
-        assert run.stdout.strip() == str(out)
+        run = subprocess.run(
+            [sys.executable, "-m", "edgegemma", "adapters", "convert", str(folder), "--to", "onnx",
+             "--model", str(onnx_int4), "-o", str(out)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        assert run.stdout.startswith(f"wrote {out} ")
         files[name] = out
     return files
 

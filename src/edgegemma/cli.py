@@ -13,6 +13,8 @@ from .errors import EdgeGemmaError, InvalidParameterError
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),
     "convert": ("edgegemma.convert", "build ONNX / LiteRT models from the locked GGUF"),
+    "adapters": ("edgegemma.adapters", "convert PEFT adapters for a backend; inspect, validate"),
+    "train": ("edgegemma.train", "fine-tune a LoRA adapter on a JSONL of examples (CPU)"),
 }
 
 

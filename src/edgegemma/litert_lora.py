@@ -350,7 +350,7 @@ def check_lora(rank: int, tensors: Mapping[str, np.ndarray], spec: LoraSpec, *, 
     if rank != spec.rank:
         raise AdapterError(
             f"{name} has LoRA rank {rank} but the model takes rank {spec.rank}; convert the PEFT "
-            f"adapter again for this model (edgegemma convert ADAPTER --to litertlm --base-model ...)"
+            f"adapter again for this model (edgegemma adapters convert PEFT_DIR --to mediapipe --model BUNDLE)"
         )
     for tensor, values in tensors.items():
         wanted = spec.shapes.get(tensor)

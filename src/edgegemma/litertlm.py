@@ -108,6 +108,8 @@ class LiteRTLMBackend(Backend):
     def open(cls, path: Path, options: BackendOptions) -> LiteRTLMBackend:
         if options.extra:
             raise InvalidParameterError(f"unknown mediapipe options: {', '.join(sorted(options.extra))}")
+        if path.suffix.lower() == ".gguf":
+            path = _built_bundle(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
         facts = inspect_model(path)
@@ -120,18 +122,6 @@ class LiteRTLMBackend(Backend):
                 f"converted with; load with n_ctx <= {limit}, or convert again with a larger --context"
             )
         return cls(path, facts, options.n_ctx, options.n_threads)
-
-    @classmethod
-    def default_model(cls, base: Path) -> Path | None:
-        """The cached LoRA-enabled ``.task`` built from the GGUF ``base``, if there is one."""
-        from .convert import built_model
-        from .convert.litert_model import MODEL_FILES, build_options
-
-        if base.suffix.lower() != ".gguf":
-            return None
-        options = build_options(lora_rank=16)
-        folder = built_model(base, "litert", {"quant": options["quant"], "lora_rank": options["lora_rank"]})
-        return folder / MODEL_FILES["task"] if folder else None
 
     def _create_engine(self) -> litert_lm.Engine:
         litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
@@ -437,3 +427,19 @@ def _cache_dir(model: Path) -> Path:
     folder = home() / "litert-cache" / hashlib.sha256(identity).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _built_bundle(gguf_path: Path) -> Path:
+    """The cached LoRA-enabled ``.task`` built from a GGUF (``edgegemma convert ... --to task``)."""
+    from .convert import built_model
+    from .convert.litert_model import MODEL_FILES, build_options
+
+    options = build_options(lora_rank=16)
+    folder = built_model(gguf_path, "litert", options)
+    if folder is None:
+        raise ModelError(
+            f"no LiteRT-LM build of {gguf_path.name} in the cache; build it with "
+            f"`edgegemma convert {gguf_path} --to task --lora-rank 16` "
+            "(needs `pip install 'edgegemma[convert]'`, ~5 min and ~6 GB of memory)"
+        )
+    return folder / MODEL_FILES["task"]

@@ -387,7 +387,7 @@ def _measure_task(
     perfs, loads, correct = [], [], 0
     requests = [(None, task.examples[0])] * request.warmup + list(enumerate(task.examples))
     for index, example in requests:
-        args = ["./llama-completion", "-m", model, "-p", example.prompt, "-n", str(example.max_tokens),
+        args = ["./llama-completion", "-m", model, "-p", example.prompt_for(adapter), "-n", str(example.max_tokens),
                 "--temp", "0", "--seed", "0", "-t", str(threads), "-c", str(request.n_ctx),
                 "-no-cnv", "--no-display-prompt"]  # fmt: skip
         if adapter_path:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..backend import available_backends
 from ..errors import EdgeGemmaError, InvalidParameterError
+from ..skills import SKILLS
 from . import report as reports
 from .targets import BenchRequest, run_local, run_ssh
 from .workloads import parse_sizes, shipped_tasks
@@ -99,7 +100,8 @@ def run_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[BACKEND:]NAME=PATH",
         help="also measure every workload with this LoRA adapter, and its swap time; "
-        "BACKEND: gives one backend its own file (repeatable)",
+        "BACKEND: gives one backend its own file; a bare skill name (sensor, emoji) takes "
+        "the shipped skill's adapter for each backend (repeatable)",
     )
     what.add_argument(
         "-p",
@@ -190,8 +192,13 @@ def request_from(args: argparse.Namespace) -> BenchRequest:
         name, sep, path = spec.partition("=")
         backend, colon, bare = name.partition(":")
         scope, name = (backend, bare) if colon and backend in available_backends() else ("", name)
-        if not sep or not name or not path:
-            raise InvalidParameterError(f"--adapter takes [BACKEND:]NAME=PATH, got {spec!r}")
+        if not sep and name in SKILLS:
+            path = ""
+        elif not sep or not name or not path:
+            raise InvalidParameterError(
+                f"--adapter takes [BACKEND:]NAME=PATH or a skill name ({', '.join(SKILLS)}), "
+                f"got {spec!r}"
+            )
         adapters.append((scope, name, path))
     tasks = args.task or ["sensor"]
     return BenchRequest(

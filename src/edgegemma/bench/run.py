@@ -181,7 +181,7 @@ def measure_task(engine: Any, task: Task, plan: Plan, adapter: str | None) -> di
     stats, correct = [], 0
     for i, example in enumerate(examples[: plan.warmup]):
         engine.generate(
-            example.prompt,
+            example.prompt_for(adapter),
             max_tokens=example.max_tokens,
             stop=list(example.stop),
             adapters=adapters,
@@ -192,7 +192,7 @@ def measure_task(engine: Any, task: Task, plan: Plan, adapter: str | None) -> di
     engine.reset()
     for i, example in enumerate(examples):
         result = engine.generate(
-            example.prompt,
+            example.prompt_for(adapter),
             max_tokens=example.max_tokens,
             stop=list(example.stop),
             adapters=adapters,

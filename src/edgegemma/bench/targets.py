@@ -67,10 +67,18 @@ class BenchRequest:
     """adb target only: llama.cpp's llama-completion, for task workloads and adapters."""
 
     def adapters_for(self, backend: str) -> dict[str, str]:
-        """Adapter paths by name for ``backend``: its own, else the ones for every backend."""
+        """Adapter paths by name for ``backend``: its own, else the ones for every backend.
+
+        An empty path names a shipped skill (:mod:`edgegemma.skills`), whose file for
+        ``backend`` is found (or converted) on the machine that measures.
+        """
+        from .. import skills
+
         found = {name: path for scope, name, path in self.adapters if not scope}
         found.update({name: path for scope, name, path in self.adapters if scope == backend})
-        return found
+        return {
+            name: path or str(skills.adapter_path(name, backend)) for name, path in found.items()
+        }
 
     @property
     def synthetic(self) -> list[Synthetic]:
@@ -84,7 +92,8 @@ class BenchRequest:
         for model in self.models:
             argv += ["--model", model]
         for backend, name, path in self.adapters:
-            argv += ["--adapter", f"{backend}:{name}={path}" if backend else f"{name}={path}"]
+            spec = f"{name}={path}" if path else name
+            argv += ["--adapter", f"{backend}:{spec}" if backend else spec]
         argv += ["-p", ",".join(map(str, self.pp)) or "0", "-n", ",".join(map(str, self.tg)) or "0"]
         for task in self.tasks or ("none",):
             argv += ["--task", task]
@@ -203,7 +212,7 @@ def run_local(request: BenchRequest) -> dict[str, Any]:
     for task in request.tasks:
         load_task(task, limit=request.task_limit)
     for _, name, path in request.adapters:
-        if not Path(path).is_file():
+        if path and not Path(path).is_file():
             raise InvalidParameterError(f"adapter {name}: file not found: {path}")
     threads = request.threads or default_threads()
     report = new_report("local", request, threads)

@@ -8,7 +8,9 @@ A task workload is a JSONL file, one request per line::
 
     {"prompt": "...", "expected": "warning", "max_tokens": 4, "stop": ["\\n"]}
 
-``max_tokens`` (default 4) and ``stop`` (default a newline) are optional; other keys (such as
+``max_tokens`` (default 4) and ``stop`` (default a newline) are optional, and so is
+``adapter_prompt``: the prompt used while an adapter is active, for adapters trained on a
+bare format while the base model needs a few-shot ``prompt``. Other keys (such as
 the raw ``input``) are kept for people and ignored; ``completion`` stands in for a missing
 ``expected``, so a prompt/completion training file works as it is. A generation is correct
 when its first word, lowercased and stripped of punctuation, equals ``expected`` treated the
@@ -55,6 +57,11 @@ class TaskExample:
     expected: str
     max_tokens: int = DEFAULT_TASK_MAX_TOKENS
     stop: tuple[str, ...] = DEFAULT_TASK_STOP
+    adapter_prompt: str | None = None
+    """The prompt while an adapter is active (its trained format); ``prompt`` if None."""
+
+    def prompt_for(self, adapter: str | None) -> str:
+        return self.adapter_prompt if adapter and self.adapter_prompt else self.prompt
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,16 @@ def _parse_line(spec: str, number: int, line: str) -> TaskExample:
     stop = row.get("stop", list(DEFAULT_TASK_STOP))
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise InvalidParameterError(f"{where}: stop must be a list of non-empty strings")
-    return TaskExample(prompt=prompt, expected=expected, max_tokens=max_tokens, stop=tuple(stop))
+    adapter_prompt = row.get("adapter_prompt")
+    if adapter_prompt is not None and (not isinstance(adapter_prompt, str) or not adapter_prompt):
+        raise InvalidParameterError(f"{where}: adapter_prompt must be a non-empty string")
+    return TaskExample(
+        prompt=prompt,
+        expected=expected,
+        max_tokens=max_tokens,
+        stop=tuple(stop),
+        adapter_prompt=adapter_prompt,
+    )
 
 
 def normalize_label(text: str) -> str:

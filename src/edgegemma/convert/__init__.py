@@ -1,14 +1,12 @@
-"""``edgegemma convert``: build other runtimes' models (and adapters) from the locked GGUF.
+"""``edgegemma convert``: build other runtimes' models from the locked GGUF.
 
     edgegemma convert gemma3-270m --to onnx [--precision int4|int8|fp32] [--quant-method default|k_quant]
                                             [--lora-targets q,k,v,o | --no-lora]
-    edgegemma convert PEFT_ADAPTER_DIR --to onnx [--base-model MODEL_DIR_OR_NAME] [-o FILE]
     edgegemma convert gemma3-270m --to litertlm|task [--quant RECIPE] [--lora-rank 16|32] [--context N]
-    edgegemma convert PEFT_ADAPTER_DIR --to litertlm [--base-model MODEL_OR_BUNDLE] [--lora-rank 16|32]
 
 Models are built once into the build cache (see :mod:`edgegemma.convert.cache`) and the
 folder is printed with a models.lock-style record of what was built. Building models needs
-the ``convert`` extra; converting an adapter needs only the runtime's extra.
+the ``convert`` extra. Adapters are converted by ``edgegemma adapters convert``.
 """
 
 from __future__ import annotations
@@ -53,10 +51,10 @@ def print_progress(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="edgegemma convert",
-        description="Build a model for another runtime from a GGUF (built once, then cached), "
-        "or convert a PEFT LoRA adapter folder for that runtime.",
+        description="Build a model for another runtime from a GGUF (built once, then cached). "
+        "PEFT adapters are converted by `edgegemma adapters convert`.",
     )
-    parser.add_argument("source", help="models.lock name or GGUF path; or a PEFT adapter folder")
+    parser.add_argument("source", help="models.lock name or GGUF path")
     parser.add_argument(
         "--to", required=True, choices=sorted(_TARGETS), help="target runtime format"
     )
@@ -85,14 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="onnx: build without LoRA inputs (slightly faster; no adapters)",
     )
-    parser.add_argument(
-        "--base-model",
-        default="gemma3-270m",
-        metavar="MODEL",
-        help="adapter conversion: the built model folder, or the models.lock name "
-        "whose build to use (default: %(default)s)",
-    )
-    parser.add_argument("-o", "--output", type=Path, help="adapter conversion: output file")
     parser.add_argument("--quant", help="litertlm/task: quantization recipe (default: dynamic_int8; "
                         "see docs/mediapipe.md)")
     parser.add_argument("--lora-rank", type=int, choices=(16, 32),
@@ -104,31 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _to_onnx(args: argparse.Namespace) -> int:
-    source = Path(args.source).expanduser()
-    if source.is_dir() and (source / "adapter_config.json").is_file():
-        return _onnx_adapter(source, args)
     folder = build_onnx(_gguf(args.source), _onnx_options(args), progress=print_progress)
     print(folder)
     print(_lock_record(folder))
-    return 0
-
-
-def _onnx_adapter(source: Path, args: argparse.Namespace) -> int:
-    from ..peft import read_peft, to_onnx_adapter
-
-    base = Path(args.base_model).expanduser()
-    if not base.is_dir():
-        options = _onnx_options(args)
-        found = built_model(_gguf(args.base_model), "onnx", options)
-        if found is None:
-            raise ConversionError(
-                f"no ONNX build of {args.base_model} with {options} yet; run "
-                f"`edgegemma convert {args.base_model} --to onnx` first, or pass --base-model FOLDER"
-            )
-        base = found
-    output = args.output or Path(f"{source.resolve().name}.onnx_adapter")
-    written = to_onnx_adapter(read_peft(source), output, base)
-    print(written)
     return 0
 
 

@@ -99,20 +99,9 @@ def build_litert(gguf_path: Path, options: dict[str, str], *, progress: Progress
 
 
 def convert_command(args: argparse.Namespace) -> int:
-    """``edgegemma convert SOURCE --to litertlm|task``: a model build, or a PEFT adapter file."""
+    """``edgegemma convert MODEL --to litertlm|task``: build (or find) the bundle, print its path."""
     from . import _gguf, _lock_record, print_progress
 
-    source = Path(args.source).expanduser()
-    if source.is_dir() and (source / "adapter_config.json").is_file():
-        from ..litert_lora import convert_peft
-        from ..peft import read_peft
-
-        base = Path(args.base_model).expanduser()
-        if not base.is_file() or base.suffix.lower() not in (".litertlm", ".task"):
-            base = _gguf(args.base_model)
-        output = args.output or Path(f"{source.resolve().name}.litertlm-lora")
-        print(convert_peft(read_peft(source), output, base, rank=args.lora_rank))
-        return 0
     options = build_options(args.quant, args.lora_rank, args.context)
     folder = build_litert(_gguf(args.source), options, progress=print_progress)
     print(folder / MODEL_FILES[args.to])

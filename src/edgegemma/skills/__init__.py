@@ -1,0 +1,228 @@
+"""Skills that ship with edgegemma: small LoRA adapters that teach the base model one task.
+
+    import edgegemma
+    from edgegemma import skills
+
+    with edgegemma.load("gemma3-270m") as engine:
+        engine.load_adapter("sensor", skills.adapter_path("sensor"))
+        out = engine.generate(skills.sensor_prompt("temp=81.2C vib=0.93g batt=3.71V"),
+                              adapters={"sensor": 1.0}, **skills.GENERATION["sensor"])
+        print(skills.sensor_label(out.text))  # "warning"
+
+Each skill has a prompt builder (the exact format its adapter was trained on -- apps, the
+tests and the benchmarks all build prompts here), a train and a held-out test split, its
+trained PEFT adapter and the llama.cpp adapter converted from it; :func:`adapter_path` makes
+the other backends' files from the PEFT adapter on first use.
+``python -m edgegemma.skills.build`` rebuilds all of it.
+
+- **sensor**: an IoT gateway reading -> ``normal`` / ``warning`` / ``critical``
+  (:mod:`edgegemma.skills.sensor` states the rule); metric: accuracy.
+- **emoji**: a short phrase -> 1-3 emoji; metric: mean overlap (Jaccard) with the reference
+  answer, with the hit rate (an accepted emoji among 1-3) beside it
+  (:mod:`edgegemma.skills.emoji` explains why).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidParameterError
+from . import emoji, sensor
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+DATA = Path(__file__).parent / "data"
+SKILLS = ("sensor", "emoji")
+ADAPTER_FILES = {
+    "llamacpp": "adapter.gguf",
+    "onnx": "adapter.onnx_adapter",
+    "mediapipe": "adapter.lora",
+}
+"""The name of each backend's adapter file."""
+GENERATION: dict[str, dict[str, Any]] = {
+    "sensor": {"max_tokens": 4, "temperature": 0.0, "stop": ["\n"]},
+    "emoji": {"max_tokens": 16, "temperature": 0.0, "stop": ["\n"]},
+}
+"""``generate`` settings each skill is evaluated with: greedy, short, one line."""
+FEW_SHOT = 6
+"""Examples in the base model's few-shot baseline prompt (two per label for sensor)."""
+
+sensor_prompt = sensor.prompt
+emoji_prompt = emoji.prompt
+sensor_label = sensor.normalise
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    """The reading or phrase, before the prompt is built around it."""
+    prompt: str
+    completion: str
+    """What the adapter is trained to answer (with its leading space)."""
+    accepted: frozenset[str] = frozenset()
+    """emoji only: every emoji that counts as a correct answer."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    skill: str
+    backend: str
+    adapter: str | None
+    """The adapter name used, or None for the base model (few-shot)."""
+    total: int
+    correct: int
+    jaccard: float | None
+    """emoji only: mean overlap with the target answers, the skill's headline score."""
+    seconds_per_example: float
+    answers: tuple[str, ...]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+def prompt(skill: str, text: str) -> str:
+    """The prompt for ``text`` in ``skill``'s trained format."""
+    return {"sensor": sensor_prompt, "emoji": emoji_prompt}[_check(skill)](text)
+
+
+def adapter_path(skill: str, backend: str = "llamacpp", *, model: str = "gemma3-270m") -> Path:
+    """The adapter file of ``skill`` for ``backend`` (llamacpp, onnx or mediapipe).
+
+    The llama.cpp adapter ships with edgegemma. The ONNX Runtime and LiteRT-LM ones are
+    converted from the shipped PEFT folder on first use (numpy only, about a second) and
+    cached under ``$EDGEGEMMA_HOME/builds``; the ONNX one names the inputs of the ONNX build
+    of ``model``, which must exist (``edgegemma convert gemma3-270m --to onnx``).
+    """
+    if backend not in ADAPTER_FILES:
+        raise InvalidParameterError(
+            f"unknown backend {backend!r}; choose one of {', '.join(ADAPTER_FILES)}"
+        )
+    name = ADAPTER_FILES[backend]
+    if backend == "llamacpp":
+        return DATA / _check(skill) / name
+    from .. import adapters
+    from ..convert.cache import cached_build, sha256_file
+
+    source = peft_dir(skill)
+    key = {
+        "skill": skill,
+        "peft_sha256": sha256_file(source / "adapter_model.safetensors"),
+        "config_sha256": sha256_file(source / "adapter_config.json"),
+        "model": model,
+    }
+    build = cached_build(
+        f"skill-{backend}",
+        key,
+        lambda out: adapters.convert(source, backend, out / name, model=model),
+    )
+    return build / name
+
+
+def peft_dir(skill: str) -> Path:
+    """The shipped PEFT folder of ``skill``, which every backend's adapter is converted from."""
+    return DATA / _check(skill) / "peft"
+
+
+def examples(skill: str, split: str) -> list[Example]:
+    """The ``"train"`` or ``"test"`` examples of ``skill``."""
+    if split not in ("train", "test"):
+        raise InvalidParameterError(f"split must be 'train' or 'test', got {split!r}")
+    path = DATA / _check(skill) / f"{split}.jsonl"
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        found.append(
+            Example(
+                input=record["input"],
+                prompt=record["prompt"],
+                completion=record["completion"],
+                accepted=frozenset(emoji.units(record.get("accepted", "")) or ()),
+            )
+        )
+    return found
+
+
+def is_correct(skill: str, answer: str, example: Example) -> bool:
+    """Whether ``answer`` is right: the label for sensor, an accepted emoji (hit) for emoji."""
+    if _check(skill) == "sensor":
+        return sensor.normalise(answer) == sensor.normalise(example.completion)
+    return emoji.score(answer, example.accepted)
+
+
+def few_shot_prompt(skill: str, text: str, shots: Sequence[Example] | None = None) -> str:
+    """``text``'s prompt preceded by solved training examples: the base model's baseline."""
+    if shots is None:
+        shots = few_shot_examples(skill)
+    solved = "".join(f"{shot.prompt}{shot.completion}\n\n" for shot in shots)
+    return solved + prompt(skill, text)
+
+
+def few_shot_examples(skill: str, count: int = FEW_SHOT) -> list[Example]:
+    """Solved training examples for the baseline: labels in turn, or distinct answers (emoji)."""
+    train = examples(skill, "train")
+    if skill == "sensor":
+        by_label = {
+            label: [e for e in train if sensor.normalise(e.completion) == label]
+            for label in sensor.LABELS
+        }
+        return [by_label[label][i] for i in range(count) for label in sensor.LABELS][:count]
+    chosen: list[Example] = []
+    for example in train:
+        if all(example.completion != c.completion for c in chosen):
+            chosen.append(example)
+    return chosen[:count]
+
+
+def evaluate(
+    engine: Engine,
+    skill: str,
+    *,
+    adapter: str | None,
+    split: str = "test",
+    limit: int | None = None,
+) -> Evaluation:
+    """Run ``skill``'s examples through ``engine`` and score the answers.
+
+    With ``adapter`` (the name of an adapter loaded into the engine) the prompts are the
+    skill's own; with ``adapter=None`` the base model gets the few-shot prompt instead.
+    ``limit`` takes an evenly spread subset of that many examples.
+    """
+    chosen = examples(skill, split)
+    if limit is not None and limit < len(chosen):
+        chosen = [chosen[i * len(chosen) // limit] for i in range(limit)]
+    shots = few_shot_examples(skill) if adapter is None else None
+    adapters = {adapter: 1.0} if adapter is not None else None
+    answers, correct, overlap = [], 0, 0.0
+    started = time.perf_counter()
+    for example in chosen:
+        text = (
+            example.prompt if adapter is not None else few_shot_prompt(skill, example.input, shots)
+        )
+        answer = engine.generate(text, adapters=adapters, **GENERATION[skill]).text
+        answers.append(answer)
+        correct += is_correct(skill, answer, example)
+        overlap += emoji.jaccard(answer, example.completion) if skill == "emoji" else 0.0
+    elapsed = time.perf_counter() - started
+    return Evaluation(
+        skill=skill,
+        backend=engine.backend_name,
+        adapter=adapter,
+        total=len(chosen),
+        correct=correct,
+        jaccard=overlap / len(chosen) if skill == "emoji" else None,
+        seconds_per_example=elapsed / len(chosen),
+        answers=tuple(answers),
+    )
+
+
+def _check(skill: str) -> str:
+    if skill not in SKILLS:
+        raise InvalidParameterError(f"unknown skill {skill!r}; shipped skills: {', '.join(SKILLS)}")
+    return skill
