@@ -18,8 +18,13 @@ fi
 
 [ -d .venv ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first: its CPU wheel; an unpinned torch pulled in later would bring GBs of CUDA.
+# torch first: its CPU wheel. The exact version it installed (2.13.0+cpu) is then held as a
+# constraint: otherwise pip, backtracking over the converters' dependencies, may swap in the
+# plain torch==2.13.0 wheel, which brings GBs of CUDA.
 .venv/bin/python -m pip install torch==2.13.0
-.venv/bin/python -m pip install -e ".[dev]"
+torch_pin=$(mktemp)
+trap 'rm -f "$torch_pin"' EXIT
+.venv/bin/python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' >"$torch_pin"
+.venv/bin/python -m pip install -e ".[dev]" --constraint "$torch_pin"
 
 .venv/bin/edgegemma generate "The capital of France is" --max-tokens 24 --stats

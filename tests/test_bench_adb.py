@@ -144,7 +144,9 @@ def test_task_workload_and_adapter_on_the_device(
     ]
     for row in run["results"]:
         assert row["requests"] == 1 and row["accuracy"] in (0, 1)
-        assert row["prompt_tokens"] > 300 and row["prefill_tps"]["min"] > 0
+        # The base model gets the few-shot prompt, the adapter the bare one it was trained on.
+        assert row["prompt_tokens"] > (200 if row["adapter"] is None else 10)
+        assert row["prefill_tps"]["min"] > 0
         assert row["ttft_s"]["p50"] <= row["latency_s"]["p50"]
     assert (device / "data/local/tmp/edgegemma/adapter-a.gguf").exists()
     assert any("adapter swap time is not measured" in s["reason"] for s in found["skipped"])

@@ -88,7 +88,7 @@ def test_engine_metrics_are_plausible(bench_report):
         # The adapter was given to llamacpp only (as llamacpp:a=...).
         adapters = (None, "a") if run["backend"] == "llamacpp" else (None,)
         assert set(rows) == {(w, a) for w in ("pp16", "tg8", "sensor") for a in adapters}
-        for (workload, _), row in rows.items():
+        for (workload, adapter), row in rows.items():
             _check_summary(row["ttft_s"])
             _check_summary(row["latency_s"])
             if workload == "pp16":
@@ -102,7 +102,9 @@ def test_engine_metrics_are_plausible(bench_report):
             else:
                 assert row["requests"] == 3 and 0 <= row["accuracy"] <= 1
                 assert row["correct"] == round(row["accuracy"] * 3)
-                assert row["cached_tokens"] > 0  # the few-shot prefix is reused
+                # The few-shot prefix is reused (LiteRT-LM keeps no KV cache between calls).
+                if adapter is None and run["backend"] != "mediapipe":
+                    assert row["cached_tokens"] > 0
         if run["backend"] != "llamacpp":
             assert run["adapter_swaps"] == []
             continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import edgegemma
 from edgegemma import (
     AdapterError,
     ContextOverflowError,
-    EngineBusyError,
     EngineClosedError,
     InvalidParameterError,
     ModelError,
@@ -199,6 +197,24 @@ def test_prefix_cache_reuses_a_shared_prefix_and_matches_fresh_computation(clean
     cold = engine.generate(instruction + "temp=95C", max_tokens=8)
     assert cold.stats.cached_tokens == 0
     assert warm.token_ids == cold.token_ids
+
+
+def test_prefix_reuse_under_a_float16_adapter_matches_fresh_computation(clean_engine):
+    # llama.cpp's results under float16 LoRA tensors depend on how the prompt is split into
+    # batches; the backend loads them as float32 so that a cached prefix changes nothing.
+    from edgegemma import skills
+
+    engine = clean_engine
+    engine.load_adapter("emoji", skills.adapter_path("emoji"))  # shipped as float16
+    prefix = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+    for tail in (" every", " always", " told"):
+        engine.reset()
+        fresh = engine.generate(prefix + tail, max_tokens=24, adapters={"emoji": 1.0})
+        engine.reset()
+        engine.generate(prefix, max_tokens=1, adapters={"emoji": 1.0})
+        warm = engine.generate(prefix + tail, max_tokens=24, adapters={"emoji": 1.0})
+        assert warm.stats.cached_tokens > 0
+        assert warm.token_ids == fresh.token_ids, tail
 
 
 def test_unloading_an_active_adapter_is_refused(clean_engine, lora_dir: Path):
@@ -392,76 +408,12 @@ def test_adapter_file_is_not_a_model(lora_dir):
         edgegemma.load(lora_dir / "a.gguf")
 
 
-# -- lifetime and threads ----------------------------------------------------------------
+# -- lifetime (threads, cancellation, timeouts: test_concurrency.py) ---------------------
 
 
 def test_closed_engine_raises(gguf_path):
     engine = edgegemma.load(gguf_path, n_ctx=256, n_threads=2)
     engine.close()
     engine.close()
-    with pytest.raises(EngineClosedError):
-        engine.generate(PROMPT)
-
-
-def test_a_second_stream_in_the_same_thread_is_refused(clean_engine):
-    first = clean_engine.stream(PROMPT, max_tokens=8)
-    next(first)
-    with pytest.raises(EngineBusyError):
-        next(clean_engine.stream(PROMPT, max_tokens=8))
-    first.close()
-    assert first.result.finish_reason == "cancelled"
-    assert clean_engine.generate(PROMPT, max_tokens=8).text.startswith(" the capital")
-
-
-def test_breaking_out_of_a_stream_leaves_the_engine_consistent(clean_engine):
-    expected = clean_engine.generate(PROMPT, max_tokens=16).token_ids
-    for i, _ in enumerate(clean_engine.stream(PROMPT, max_tokens=16)):
-        if i == 3:
-            break
-    assert clean_engine.generate(PROMPT, max_tokens=16).token_ids == expected
-
-
-def test_threads_are_serialized_with_per_call_adapters(clean_engine, lora_dir: Path):
-    engine = clean_engine
-    engine.load_adapter("a", lora_dir / "a.gguf")
-    engine.load_adapter("b", lora_dir / "b.gguf")
-    sets = [None, {"a": 1.0}, {"b": 1.0}]
-    expected = [engine.generate(PROMPT, max_tokens=12, adapters=s).token_ids for s in sets]
-    results: dict[int, list[int]] = {}
-
-    def worker(i: int) -> None:
-        results[i] = engine.generate(PROMPT, max_tokens=12, adapters=sets[i % 3]).token_ids
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(9)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(results[i] == expected[i % 3] for i in range(9))
-
-
-def test_timeout_ends_generation_early_and_keeps_the_text(clean_engine):
-    result = clean_engine.generate(PROMPT, max_tokens=1000, timeout=1.0)
-    assert result.finish_reason == "timeout"
-    assert result.finish_detail == "timeout (1.0 s) reached"
-    assert 0 < result.stats.completion_tokens < 1000
-    expected = clean_engine.generate(PROMPT, max_tokens=result.stats.completion_tokens)
-    assert result.token_ids == expected.token_ids
-    with pytest.raises(InvalidParameterError):
-        clean_engine.generate(PROMPT, timeout=0)
-
-
-def test_close_from_another_thread_ends_a_running_generation(gguf_path):
-    engine = edgegemma.load(gguf_path, n_ctx=512, n_threads=2)
-    stream = engine.stream(PROMPT, max_tokens=400)
-    next(stream)
-    closer = threading.Thread(target=engine.close)
-    closer.start()
-    pieces = list(stream)
-    closer.join(timeout=30)
-    assert not closer.is_alive()
-    assert stream.result.finish_reason == "cancelled"
-    assert stream.result.stats.completion_tokens < 400
-    assert isinstance(pieces, list)
     with pytest.raises(EngineClosedError):
         engine.generate(PROMPT)

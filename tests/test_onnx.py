@@ -442,14 +442,12 @@ def _write(path: Path, parameters: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def test_bad_adapter_files_are_refused_and_the_engine_still_works(
-    clean, adapters, onnx_int4, tmp_path
-):
+def test_adapter_files_that_do_not_fit_the_lora_inputs_are_refused(clean, onnx_int4, tmp_path):
+    # NaN/inf, wrong shapes, truncated and junk files are in the table of tests/test_hostile.py.
     base = _greedy(clean)
     spec = lora_inputs(onnx_int4)["model.layers.0.self_attn.q_proj"]
     rng = np.random.default_rng(0)
     good = {spec.a: rng.normal(size=(640, 4)), spec.b: rng.normal(size=(4, 1024))}
-    good_bytes = adapters["a"].read_bytes()
     cases = {
         "unknown input": (
             _write(
@@ -457,13 +455,6 @@ def test_bad_adapter_files_are_refused_and_the_engine_still_works(
                 {"model.layers.0.mlp.gate_proj.lora_A.MatMul.weight": rng.normal(size=(640, 4))},
             ),
             "no LoRA inputs",
-        ),
-        "wrong shape": (
-            _write(
-                tmp_path / "s.onnx_adapter",
-                {spec.a: rng.normal(size=(704, 4)), spec.b: rng.normal(size=(4, 1024))},
-            ),
-            "maps 704",
         ),
         "rank mismatch": (
             _write(
@@ -476,18 +467,7 @@ def test_bad_adapter_files_are_refused_and_the_engine_still_works(
             _write(tmp_path / "h.onnx_adapter", {spec.a: good[spec.a]}),
             "both its A and B",
         ),
-        "not finite": (
-            _write(
-                tmp_path / "n.onnx_adapter",
-                {spec.a: np.full((640, 4), np.inf), spec.b: good[spec.b]},
-            ),
-            "NaN or infinite",
-        ),
-        "truncated": (tmp_path / "t.onnx_adapter", "not a readable"),
-        "text": (tmp_path / "x.onnx_adapter", "not a readable"),
     }
-    (tmp_path / "t.onnx_adapter").write_bytes(good_bytes[: len(good_bytes) // 2])
-    (tmp_path / "x.onnx_adapter").write_text("not an adapter\n")
     for name, (path, message) in cases.items():
         with pytest.raises(AdapterError, match=message):
             clean.load_adapter(name, path)

@@ -124,6 +124,10 @@ class Backend(ABC):
         """
         raise NotImplementedError(f"{self.name} cannot shift its context")
 
+    def runtime_stats(self) -> dict[str, float]:
+        """The runtime's own measurements of the current sequence, where it keeps any."""
+        return {}
+
     @abstractmethod
     def close(self) -> None:
         """Free the native model, context and adapters. Called once."""

@@ -8,6 +8,7 @@ evaluate tokens.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import logging
 import math
@@ -72,6 +73,10 @@ class Stats:
     """Generated tokens per second after the first one."""
     peak_rss_mb: float
     """High-water mark of this process's resident memory so far."""
+    runtime: dict[str, float] = field(default_factory=dict)
+    """The runtime's own figures, where it reports any (LiteRT-LM: ``init_s``,
+    ``prefill_tokens``, ``prefill_tps`` and, for a generation it ended itself, ``ttft_s``,
+    ``decode_tokens``, ``decode_tps``)."""
 
 
 @dataclass(frozen=True)
@@ -208,14 +213,15 @@ class Engine:
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of ``text`` as the engine feeds them to the model."""
-        self._check_open()
-        ids = self._backend.tokenize(_check_text(text))
+        checked = _check_text(text)
+        with self._reading():
+            ids = self._backend.tokenize(checked)
         bos = self._backend.info.bos_id
         return [bos, *ids] if add_bos and bos is not None else ids
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        self._check_open()
-        data = b"".join(self._backend.token_bytes(t) for t in self._check_ids(token_ids))
+        with self._reading():
+            data = b"".join(self._backend.token_bytes(t) for t in self._check_ids(token_ids))
         return data.decode("utf-8", errors="replace")
 
     # -- adapters ------------------------------------------------------------------------
@@ -275,7 +281,7 @@ class Engine:
         temperature: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
-        min_p: float = 0.05,
+        min_p: float = 0.0,
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
@@ -321,7 +327,7 @@ class Engine:
         temperature: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
-        min_p: float = 0.05,
+        min_p: float = 0.0,
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
@@ -429,21 +435,19 @@ class Engine:
 
         # Until start() returns, the backend's cache is in an unknown state.
         self._forget_cache()
-        t_prefill = time.perf_counter()
-        reused = backend.start(tokens, reuse=reuse, adapters=handles, sampling=request.sampling)
-        prefill_s = time.perf_counter() - t_prefill
-        self._cached_tokens = tokens
-        self._cached_key = key
-
         text = _TextAssembler(request.stop)
         generated: list[int] = []
         finish: FinishReason = "length"
         detail = limit_detail
         first_token_at: float | None = None
-        last_token_at = time.perf_counter()
-        sampled = 0
+        last_token_at: float | None = None
         deadline = request.started + request.timeout if request.timeout is not None else math.inf
         try:
+            t_prefill = time.perf_counter()
+            reused = backend.start(tokens, reuse=reuse, adapters=handles, sampling=request.sampling)
+            prefill_s = time.perf_counter() - t_prefill
+            self._cached_tokens = tokens
+            self._cached_key = key
             while len(generated) < limit:
                 if self._closed:
                     finish, detail = "cancelled", "the engine was closed"
@@ -454,13 +458,15 @@ class Engine:
                 if len(tokens) > n_ctx:  # the pending token would not fit: make room
                     truncated += self._shift(tokens, request.protected)
                 token = backend.next_token()
-                sampled += 1
-                last_token_at = time.perf_counter()
+                now = time.perf_counter()
                 if first_token_at is None:
-                    first_token_at = last_token_at
+                    first_token_at = now
                 if token in backend.info.eog_ids:
                     finish, detail = "stop", "end of generation token"
                     break
+                # Decode speed spans generated tokens only: a runtime that decodes ahead
+                # (LiteRT-LM) hands over its end token at once.
+                last_token_at = now
                 generated.append(token)
                 tokens.append(token)
                 piece, hit = text.feed(backend.token_bytes(token))
@@ -482,7 +488,11 @@ class Engine:
             raise EdgeGemmaError(f"{backend.name} backend failed during generation: {exc}") from exc
 
         end = time.perf_counter()
-        decode_s = last_token_at - first_token_at if first_token_at is not None else 0.0
+        decode_s = (
+            last_token_at - first_token_at
+            if first_token_at is not None and last_token_at is not None
+            else 0.0
+        )
         outcome.append(Result(
             text=text.text,
             token_ids=generated,
@@ -499,8 +509,9 @@ class Engine:
                 decode_s=decode_s,
                 total_s=end - request.started,
                 prefill_tps=_rate(n_prompt - reused, prefill_s),
-                decode_tps=_rate(sampled - 1, decode_s),
+                decode_tps=_rate(len(generated) - 1, decode_s),
                 peak_rss_mb=peak_rss_mb(),
+                runtime=backend.runtime_stats(),
             ),
         ))
 
@@ -633,6 +644,13 @@ class Engine:
         self._owner = None
         self._open_stream = None
         self._lock.release()
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        """The lock for a read of the model, unless this thread's open stream holds it already."""
+        self._check_open()
+        if self._owner == threading.get_ident():
+            return contextlib.nullcontext()
+        return _Exclusive(self)
 
     def _exclusive(self) -> _Exclusive:
         self._check_open()

@@ -90,6 +90,8 @@ def inspect_model(path: str | os.PathLike[str]) -> TfliteFacts:
             )
         elif zipfile.is_zipfile(model_path):  # a .task; MediaPipe's bundler pads its start
             start, end = _task_tflite_member(model_path)
+        elif data.find(b"PK\x03\x04", 0, 64) != -1:  # a zip's first entry, but no readable directory
+            raise ModelError(f"{model_path.name} is a truncated or corrupt .task bundle (no readable zip directory)")
         else:
             raise ModelError(f"{model_path.name} is neither a .litertlm nor a MediaPipe .task bundle")
         try:

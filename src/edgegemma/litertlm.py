@@ -64,6 +64,10 @@ from .litert_lora import (
 )
 from .sampling import SamplingParams
 
+_SESSIONS_PER_ENGINE = 16
+"""LiteRT-LM 0.18 keeps each session's LoRA weights (~6 MB at rank 16) until its engine is
+deleted; recreating the engine (~0.2 s) after this many LoRA sessions bounds that growth."""
+
 
 @dataclass(eq=False)
 class _Adapter:
@@ -82,7 +86,9 @@ class LiteRTLMBackend(Backend):
         self._n_threads = n_threads
         self._cache_dir = _cache_dir(path)
         self._engine = self._create_engine()
+        self._lora_sessions = 0
         self._generation: _Generation | None = None
+        self._runtime: dict[str, float] = {}
         self._pending: deque[int] = deque()
         self._piece_cache: dict[int, bytes] = {}
         self._byte_base = self._find_byte_tokens()
@@ -133,6 +139,7 @@ class LiteRTLMBackend(Backend):
                     backend=litert_lm.Backend.CPU(thread_count=self._n_threads),
                     max_num_tokens=self._n_ctx,
                     cache_dir=str(self._cache_dir),
+                    enable_benchmark=True,
                     lora_rank_config=litert_lm.LoraRankConfig(lora_rank=lora.rank) if lora else None,
                 )
         except RuntimeError as exc:
@@ -223,13 +230,21 @@ class LiteRTLMBackend(Backend):
         sampling: SamplingParams,
     ) -> int:
         self._stop()
+        self._runtime = {}
+        # LiteRT-LM's session sampler has top-k, top-p, temperature and a seed, nothing else.
         if sampling.repeat_penalty != 1.0:
             raise InvalidParameterError("the mediapipe backend has no repeat_penalty; leave it at 1.0")
+        if sampling.min_p != 0.0:
+            raise InvalidParameterError("the mediapipe backend has no min_p; leave it at 0")
         bos = self.info.bos_id
         if bos is not None and (not tokens or tokens[0] != bos):
             raise InvalidParameterError("LiteRT-LM starts every sequence with BOS: a token-id prompt must begin with it")
         pieces = self._prompt_pieces(tokens[1:] if bos is not None else tokens)
         lora = self._lora_path(adapters)
+        if lora is not None and self._lora_sessions >= _SESSIONS_PER_ENGINE:
+            self._engine.close()
+            self._engine = self._create_engine()
+            self._lora_sessions = 0
         try:
             session = self._engine.create_session(
                 apply_prompt_template=False,
@@ -243,14 +258,22 @@ class LiteRTLMBackend(Backend):
             # The runtime's checks of a LoRA file run here; after a failed one it needs a new engine.
             self._engine.close()
             self._engine = self._create_engine()
+            self._lora_sessions = 0
             raise AdapterError(
                 f"LiteRT-LM could not start a session with the LoRA file {lora} (its log above says why)"
             ) from None
+        self._lora_sessions += lora is not None
         try:
             session.run_prefill(pieces)
         except RuntimeError as exc:
             session.close()
             raise EdgeGemmaError(f"LiteRT-LM failed to prefill the prompt: {exc}") from None
+        info = session.get_benchmark_info()
+        self._runtime = {
+            "init_s": info.init_time_in_second,
+            "prefill_tokens": float(info.last_prefill_token_count),
+            "prefill_tps": info.last_prefill_tokens_per_second,
+        }
         self._generation = _Generation(session)
         return 0
 
@@ -260,6 +283,12 @@ class LiteRTLMBackend(Backend):
                 raise EdgeGemmaError("no sequence has been started")
             text = self._generation.next_piece()
             if text is None:  # the runtime stopped at one of its stop tokens
+                info = self._generation.benchmark_info()
+                self._runtime.update(
+                    ttft_s=info.time_to_first_token_in_second,
+                    decode_tokens=float(info.last_decode_token_count),
+                    decode_tps=info.last_decode_tokens_per_second,
+                )
                 self._stop()
                 return self._eos
             self._pending.extend(self.tokenize(text))
@@ -297,13 +326,15 @@ class LiteRTLMBackend(Backend):
     def _sampler(self, sampling: SamplingParams) -> litert_lm.SamplerConfig:
         if sampling.greedy:
             return litert_lm.SamplerConfig(top_k=1, top_p=1.0, temperature=0.0, seed=0)
-        # LiteRT-LM's sampler has top-k, top-p and temperature; min_p is not applied.
         return litert_lm.SamplerConfig(
             top_k=sampling.top_k or self.info.vocab_size,
             top_p=sampling.top_p,
             temperature=sampling.temperature,
             seed=random.getrandbits(31) if sampling.seed is None else sampling.seed,
         )
+
+    def runtime_stats(self) -> dict[str, float]:
+        return dict(self._runtime)
 
     def _stop(self) -> None:
         self._pending.clear()
@@ -368,6 +399,11 @@ class _Generation:
             if text:
                 return text
         return None
+
+    def benchmark_info(self) -> litert_lm.BenchmarkInfo:
+        """The session's own timings; complete once the final piece has been read."""
+        assert self._session is not None
+        return self._session.get_benchmark_info()
 
     def close(self) -> None:
         if self._session is None:

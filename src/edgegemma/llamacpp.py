@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ import llama_cpp as ll
 from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo
 from .errors import AdapterError, ContextOverflowError, EdgeGemmaError, InvalidParameterError, ModelError
 from .gguffile import GGUFHeader, read_header
-from .lora import check_lora
+from .lora import check_lora, float32_copy
 from .sampling import SamplingParams
 
 _N_CTX_STEP = 256
@@ -172,8 +173,11 @@ class LlamaCppBackend(Backend):
 
     def load_adapter(self, path: Path) -> AdapterHandle:
         check_lora(path, self._header)
-        with _native_log.capture() as lines:
-            adapter = ll.llama_adapter_lora_init(self._model, str(path).encode())
+        # llama.cpp reads the tensors into its own buffers, so the copy can go right after.
+        with tempfile.TemporaryDirectory(prefix="edgegemma-lora-") as scratch:
+            source = float32_copy(path, Path(scratch) / "adapter.gguf") or path
+            with _native_log.capture() as lines:
+                adapter = ll.llama_adapter_lora_init(self._model, str(source).encode())
         if not adapter:
             raise AdapterError(f"llama.cpp rejected the adapter {path.name}: {_reason(lines)}")
         self._loaded.append(adapter)

@@ -163,7 +163,10 @@ class OnnxGenAIBackend(Backend):
             model = og.Model(runtime_config)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime GenAI could not load {path}: {exc}") from exc
-        return cls(path, model, config, options.n_ctx, max_length)
+        try:
+            return cls(path, model, config, options.n_ctx, max_length)
+        except RuntimeError as exc:  # the runtime reads the tokenizer files only now
+            raise ModelError(f"ONNX Runtime GenAI could not load the tokenizer of {path}: {exc}") from None
 
     # -- text ------------------------------------------------------------------------------
 
@@ -360,9 +363,10 @@ class OnnxGenAIBackend(Backend):
         assert self._generator is not None
         try:
             self._generator.append_tokens(np.asarray(tokens, dtype=np.int32))
-        except Exception:
+        except Exception as exc:
             self._drop_generator()  # its state is unknown now
-            raise
+            # A graph that does not match its genai_config.json fails only when it runs.
+            raise ModelError(f"ONNX Runtime GenAI could not run {self._path.name}: {exc}") from exc
         self._evaluated.extend(tokens)
 
     def close(self) -> None:

@@ -12,15 +12,15 @@ from .errors import InvalidParameterError
 class SamplingParams:
     """How the next token is chosen.
 
-    ``temperature=0`` is greedy decoding (deterministic). ``top_k=0`` and ``top_p=1`` disable
-    those filters; ``repeat_penalty=1`` disables the penalty. ``seed=None`` draws a fresh seed
+    ``temperature=0`` is greedy decoding (deterministic). ``top_k=0``, ``top_p=1`` and
+    ``min_p=0`` disable those filters; ``repeat_penalty=1`` disables the penalty. ``seed=None`` draws a fresh seed
     per call; a fixed seed makes sampled output reproducible on the same backend.
     """
 
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
-    min_p: float = 0.05
+    min_p: float = 0.0
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None

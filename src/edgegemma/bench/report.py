@@ -296,8 +296,9 @@ def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], l
             if run["error"]:
                 problems.append(prefix + [run["label"], f"error: {run['error']}"])
             for row in run["results"]:
+                workload = row["workload"] + (f" +{row['adapter']}" if row["adapter"] else "")
                 for note in row["notes"]:
-                    problems.append(prefix + [run["label"], f"{row['workload']}: {note}"])
+                    problems.append(prefix + [run["label"], f"{workload}: {note}"])
         for item in report["overhead"]:
             metric = {
                 "prefill_tps": "prefill tok/s",
