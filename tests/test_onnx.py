@@ -270,9 +270,13 @@ def test_stream_stop_strings_and_seeded_sampling(clean):
     stream = clean.stream(PROMPT, max_tokens=16, stop=["Europe"])
     pieces = list(stream)
     assert "".join(pieces) == expected.text == stream.result.text
-    first = clean.generate("Once upon a time", max_tokens=16, temperature=0.8, seed=7)
-    again = clean.generate("Once upon a time", max_tokens=16, temperature=0.8, seed=7)
-    other = clean.generate("Once upon a time", max_tokens=16, temperature=0.8, seed=8)
+    # From the same (empty) cache: ONNX Runtime's int4 kernels are not batch-invariant, so a
+    # reused prompt prefix can move the logits enough to change a sampled token.
+    seeded = []
+    for seed in (7, 7, 8):
+        clean.reset()
+        seeded.append(clean.generate("Once upon a time", max_tokens=16, temperature=0.8, seed=seed))
+    first, again, other = seeded
     assert first.token_ids == again.token_ids != other.token_ids
     looping = clean.generate(PROMPT, max_tokens=24)
     penalized = clean.generate(PROMPT, max_tokens=24, repeat_penalty=1.5)

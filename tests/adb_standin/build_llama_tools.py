@@ -6,8 +6,8 @@ executables. The llama-cpp-python sdist vendors llama.cpp with its tools; this c
 two tools and the ``common`` library they need (about 55 C++ files, ~2.5 CPU-minutes) and
 links them against the ``libllama``/``libggml`` that llama-cpp-python installed, so they run
 the very llama.cpp the engine runs. The result is cached under ``$EDGEGEMMA_HOME/tools/``,
-keyed by the llama-cpp-python version and its libraries' size and mtime; later calls cost a
-stat.
+keyed by the llama-cpp-python version and its libraries' contents; later calls cost a
+hash of those (~25 MB).
 
 The sdist comes from ``$EDGEGEMMA_LLAMA_CPP_SDIST`` (a .tar.gz) or ``pip download``.
 """
@@ -45,8 +45,8 @@ def _libraries() -> Path:
 def _key(version: str, lib: Path) -> str:
     stamp = [version, *_FLAGS, *TOOLS]
     for name in sorted(os.listdir(lib)):
-        info = (lib / name).stat()
-        stamp.append(f"{name}:{info.st_size}:{int(info.st_mtime)}")
+        # By content: every fresh venv installs the same libraries with new mtimes.
+        stamp.append(f"{name}:{hashlib.sha256((lib / name).read_bytes()).hexdigest()}")
     return hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:12]
 
 
