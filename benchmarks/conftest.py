@@ -48,7 +48,8 @@ def adapters(tmp_path_factory, model_path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def engine(model_path, adapters):
-    with edgegemma.load(model_path, n_ctx=1024, n_threads=THREADS) as loaded:
+    # "always": the swap benchmarks compare a cached prefix under an adapter with a cold one.
+    with edgegemma.load(model_path, n_ctx=1024, n_threads=THREADS, prefix_cache="always") as loaded:
         for name, path in adapters.items():
             loaded.load_adapter(name, path)
         yield loaded

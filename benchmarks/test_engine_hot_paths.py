@@ -13,7 +13,7 @@ from edgegemma.bench.workloads import load_task
 
 PROMPT = "The capital of France is"
 ROUNDS = 5
-# The sensor task's few-shot prompts (~315 tokens, ~280 of them shared) make cache effects visible.
+# The sensor task's few-shot prompts (~230 tokens, ~218 of them shared) make cache effects visible.
 FEW_SHOT, OTHER_READING = (e.prompt for e in load_task("sensor", limit=2).examples)
 
 
@@ -82,5 +82,5 @@ def test_prefix_cache(benchmark, fresh, case):
     result = benchmark.pedantic(
         lambda: fresh.generate(FEW_SHOT, max_tokens=2), setup=setup, rounds=ROUNDS, warmup_rounds=1
     )
-    assert (result.stats.cached_tokens > 250) == (case == "hit")
+    assert (result.stats.cached_tokens > 200) == (case == "hit")
     _record(benchmark, result)

@@ -199,22 +199,40 @@ def test_prefix_cache_reuses_a_shared_prefix_and_matches_fresh_computation(clean
     assert warm.token_ids == cold.token_ids
 
 
-def test_prefix_reuse_under_a_float16_adapter_matches_fresh_computation(clean_engine):
-    # llama.cpp's results under float16 LoRA tensors depend on how the prompt is split into
-    # batches; the backend loads them as float32 so that a cached prefix changes nothing.
+FISHERMAN = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+
+
+def test_no_prefix_reuse_under_adapters_by_default(clean_engine, lora_dir: Path):
+    # Under a LoRA, llama.cpp's logits depend on how the prompt was batched: "exact" does not
+    # reuse, so an answer never depends on the call before it.
+    engine = clean_engine
+    engine.load_adapter("a", lora_dir / "a.gguf")
+    engine.generate(FISHERMAN, max_tokens=1, adapters={"a": 1.0})
+    after = engine.generate(FISHERMAN + " told", max_tokens=24, adapters={"a": 1.0})
+    assert after.stats.cached_tokens == 0
+    engine.reset()
+    assert engine.generate(FISHERMAN + " told", max_tokens=24, adapters={"a": 1.0}).token_ids == after.token_ids
+    engine.generate(FISHERMAN, max_tokens=1)
+    assert engine.generate(FISHERMAN + " told", max_tokens=4).stats.cached_tokens > 0  # no adapter: exact
+    with pytest.raises(InvalidParameterError, match="prefix_cache"):
+        edgegemma.load(engine.model_path, prefix_cache="sometimes")
+
+
+def test_prefix_reuse_under_a_float16_adapter_matches_fresh_computation(gguf_path: Path):
+    # Float16 LoRA tensors make llama.cpp's batching dependence far more frequent; the backend
+    # loads them as float32, so with the shipped (float16) emoji adapter "always" is exact too.
     from edgegemma import skills
 
-    engine = clean_engine
-    engine.load_adapter("emoji", skills.adapter_path("emoji"))  # shipped as float16
-    prefix = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
-    for tail in (" every", " always", " told"):
-        engine.reset()
-        fresh = engine.generate(prefix + tail, max_tokens=24, adapters={"emoji": 1.0})
-        engine.reset()
-        engine.generate(prefix, max_tokens=1, adapters={"emoji": 1.0})
-        warm = engine.generate(prefix + tail, max_tokens=24, adapters={"emoji": 1.0})
-        assert warm.stats.cached_tokens > 0
-        assert warm.token_ids == fresh.token_ids, tail
+    with edgegemma.load(gguf_path, n_ctx=512, n_threads=2, prefix_cache="always") as engine:
+        engine.load_adapter("emoji", skills.adapter_path("emoji"))
+        for tail in (" every", " always", " told"):
+            engine.reset()
+            fresh = engine.generate(FISHERMAN + tail, max_tokens=24, adapters={"emoji": 1.0})
+            engine.reset()
+            engine.generate(FISHERMAN, max_tokens=1, adapters={"emoji": 1.0})
+            warm = engine.generate(FISHERMAN + tail, max_tokens=24, adapters={"emoji": 1.0})
+            assert warm.stats.cached_tokens > 0
+            assert warm.token_ids == fresh.token_ids, tail
 
 
 def test_unloading_an_active_adapter_is_refused(clean_engine, lora_dir: Path):

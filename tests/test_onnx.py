@@ -69,7 +69,10 @@ def onnx_fp32(gguf_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def int4(onnx_int4: Path):
-    with edgegemma.load(onnx_int4, backend="onnx", n_ctx=1024, n_threads=2) as engine:
+    # "always": these tests exercise the runtime's KV rewind, which "exact" never uses here.
+    with edgegemma.load(
+        onnx_int4, backend="onnx", n_ctx=1024, n_threads=2, prefix_cache="always"
+    ) as engine:
         yield engine
 
 

@@ -54,6 +54,11 @@ class ModelInfo:
     """Tokens that end generation (end of sequence, end of turn)."""
     can_shift: bool
     """Whether :meth:`Backend.shift` works (``on_overflow="shift"``)."""
+    exact_reuse: bool = False
+    """Whether a prompt evaluated after a reused KV prefix gets bit-identically the logits of a
+    fresh evaluation (the runtime's kernels do not depend on how the prompt was batched)."""
+    exact_reuse_with_adapters: bool = False
+    """The same, with LoRA adapters attached."""
     description: str = ""
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger("edgegemma")
 
 OverflowPolicy = Literal["error", "truncate_left", "shift"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("error", "truncate_left", "shift")
+PrefixCachePolicy = Literal["exact", "always"]
+PREFIX_CACHE_POLICIES: tuple[str, ...] = ("exact", "always")
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 
 
@@ -176,14 +178,25 @@ class Engine:
     """A loaded base model on one backend, with LoRA adapters swapped at runtime.
 
     Create it with :func:`edgegemma.load`. Calls from several threads are serialized: one
-    generation runs at a time, each with exactly the output it would have alone.
+    generation runs at a time. With ``prefix_cache="exact"`` (the default) a call's answer does
+    not depend on earlier calls: a cached prompt prefix is reused only where the runtime
+    computes it bit-identically to a fresh evaluation; ``"always"`` reuses it everywhere.
     """
 
-    def __init__(self, backend: Backend, *, model_path: Path, on_overflow: str = "error"):
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        model_path: Path,
+        on_overflow: str = "error",
+        prefix_cache: str = "exact",
+    ):
         _check_policy(on_overflow)
+        _check_prefix_cache(prefix_cache)
         self._backend = backend
         self.model_path = model_path
         self.on_overflow = on_overflow
+        self.prefix_cache = prefix_cache
         self._adapters: dict[str, _LoadedAdapter] = {}
         self._active: dict[str, float] = {}
         self._adapter_ids = itertools.count(1)
@@ -428,10 +441,10 @@ class Engine:
         tokens, truncated, limit, limit_detail = self._fit_context(request, n_ctx)
         n_prompt = len(tokens)
         key = self._adapter_key(request.adapters)
-        reuse = 0
-        if key == self._cached_key:
-            reuse = min(_common_prefix(self._cached_tokens, tokens), len(tokens) - 1)
         handles = [(self._adapters[name].handle, scale) for name, scale in request.adapters.items()]
+        reuse = 0
+        if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
+            reuse = min(_common_prefix(self._cached_tokens, tokens), len(tokens) - 1)
 
         # Until start() returns, the backend's cache is in an unknown state.
         self._forget_cache()
@@ -622,6 +635,11 @@ class Engine:
             )
         return max(keep, bos)
 
+    def _may_reuse(self, *, with_adapters: bool) -> bool:
+        info = self._backend.info
+        exact = info.exact_reuse_with_adapters if with_adapters else info.exact_reuse
+        return exact or self.prefix_cache == "always"
+
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine is closed")
@@ -744,9 +762,16 @@ def load(
     n_ctx: int = 2048,
     n_threads: int | None = None,
     on_overflow: OverflowPolicy = "error",
+    prefix_cache: PrefixCachePolicy = "exact",
     **options: object,
 ) -> Engine:
-    """Load a base model: a name from models.lock (fetched on first use) or a file path."""
+    """Load a base model: a name from models.lock (fetched on first use) or a file path.
+
+    ``prefix_cache="exact"`` reuses a cached prompt prefix only where that gives exactly the
+    fresh answer (llama.cpp without adapters); ``"always"`` reuses it whenever the adapter set
+    matches, for speed with long shared prefixes, at the price of answers that can differ
+    slightly with what was cached before.
+    """
     from . import models
 
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
@@ -756,11 +781,12 @@ def load(
     elif isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
         raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
     _check_policy(on_overflow)
+    _check_prefix_cache(prefix_cache)
     path = models.resolve(model)
     name = backend or backend_for_path(path)
     backend_class = get_backend(name)
     opened = backend_class.open(path, BackendOptions(n_ctx=n_ctx, n_threads=n_threads, extra=dict(options)))
-    return Engine(opened, model_path=path, on_overflow=on_overflow)
+    return Engine(opened, model_path=path, on_overflow=on_overflow, prefix_cache=prefix_cache)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -780,6 +806,13 @@ def _check_policy(policy: object) -> None:
     if policy not in OVERFLOW_POLICIES:
         raise InvalidParameterError(
             f"on_overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {policy!r}"
+        )
+
+
+def _check_prefix_cache(policy: object) -> None:
+    if policy not in PREFIX_CACHE_POLICIES:
+        raise InvalidParameterError(
+            f"prefix_cache must be one of {', '.join(PREFIX_CACHE_POLICIES)}; got {policy!r}"
         )
 
 

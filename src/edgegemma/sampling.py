@@ -15,8 +15,7 @@ class SamplingParams:
     ``temperature=0`` is greedy decoding (deterministic). ``top_k=0``, ``top_p=1`` and
     ``min_p=0`` disable those filters; ``repeat_penalty=1`` disables the penalty. ``seed=None``
     draws a fresh seed per call; a fixed seed makes sampled output reproducible on the same
-    backend from the same KV cache state (see ``Engine.reset``: where the runtime's kernels are
-    not batch-invariant, a reused prompt prefix can shift the logits slightly).
+    backend (with ``prefix_cache="always"``, from the same KV cache state).
     """
 
     temperature: float = 0.0
