@@ -61,10 +61,11 @@ def build_from_gguf(
     *,
     recipe: str,
     tools: tuple[str, ...],
-    build: Callable[[Path, Path], None],
+    build: Callable[[Path, Path, Mapping[str, str], Progress], None],
     progress: Progress | None = None,
 ) -> Path:
-    """A cached ``kind`` build of ``gguf_path``: ``build(checkpoint, out)`` fills ``out``.
+    """A cached ``kind`` build of ``gguf_path``: ``build(checkpoint, out, options, say)`` fills
+    ``out``.
 
     The key is the GGUF's sha256, the options, the recipe version and the tools' versions, so
     any of them changing makes a new build and nothing else does.
@@ -81,6 +82,11 @@ def build_from_gguf(
     return cached_build(
         kind,
         key,
-        lambda out: build(float_checkpoint(gguf_path, progress=progress), out),
+        lambda out: build(
+            float_checkpoint(gguf_path, progress=progress),
+            out,
+            options,
+            progress or (lambda _message: None),
+        ),
         progress=progress,
     )

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import ConversionError
@@ -86,15 +86,8 @@ def build_options(
 
 def build_litert(gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None) -> Path:
     """The build folder (``model.litertlm``, ``model.task``) of ``gguf_path`` with ``options``."""
-    say = progress or (lambda _message: None)
     return build_from_gguf(
-        KIND,
-        gguf_path,
-        options,
-        recipe=_RECIPE,
-        tools=_TOOLS,
-        build=lambda checkpoint, out: _build(checkpoint, out, options, say),
-        progress=progress,
+        KIND, gguf_path, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
     )
 
 
@@ -109,7 +102,7 @@ def convert_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(checkpoint: Path, out: Path, options: dict[str, str], say: Progress) -> None:
+def _build(checkpoint: Path, out: Path, options: Mapping[str, str], say: Progress) -> None:
     context = int(options["context"])
     with tempfile.TemporaryDirectory(prefix="edgegemma-litert-") as scratch_dir:
         scratch = Path(scratch_dir)

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +80,12 @@ def build_onnx(
     gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None
 ) -> Path:
     """The ONNX Runtime GenAI folder for ``gguf_path`` built with :func:`build_options`, cached."""
-    say = progress or (lambda _message: None)
     return build_from_gguf(
-        KIND,
-        gguf_path,
-        options,
-        recipe=_RECIPE,
-        tools=_TOOLS,
-        build=lambda checkpoint, out: _build(checkpoint, out, options, say),
-        progress=progress,
+        KIND, gguf_path, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
     )
 
 
-def _build(checkpoint: Path, out: Path, options: dict[str, str], say: Progress) -> None:
+def _build(checkpoint: Path, out: Path, options: Mapping[str, str], say: Progress) -> None:
     config = json.loads((checkpoint / "config.json").read_text())
     targets = options["lora_targets"].split(",") if options["lora_targets"] != "none" else []
     modules = _lora_modules(config, targets)
