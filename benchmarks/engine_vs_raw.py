@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from edgegemma import models
-    from edgegemma.engine import default_threads
+    from edgegemma.threads import default_threads
 
     args.threads = args.threads or default_threads()
     model = str(models.resolve(args.model))

@@ -31,7 +31,7 @@ import numpy as np
 
 import edgegemma
 from edgegemma import models
-from edgegemma.engine import peak_rss_mb
+from edgegemma.memory import peak_rss_mb
 from edgegemma.gguffile import read_header
 from edgegemma.lora import write_lora_gguf
 from edgegemma.peft import read_peft, write_peft

@@ -5,16 +5,9 @@
         print(engine.generate("The capital of France is", max_tokens=16).text)
 """
 
-import os as _os
-
-# llama.cpp's OpenMP threads spin while waiting; on a device that runs anything else besides
-# inference that collapses throughput (measured 50 -> 4 tok/s on 2 busy cores). libgomp reads
-# this once, when it is loaded, so it must be set before any backend imports its runtime.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .backend import Backend, BackendOptions, ModelInfo, available_backends  # noqa: E402
-from .engine import ENGINE_ADAPTERS, Engine, Result, Stats, Stream, load  # noqa: E402
-from .errors import (  # noqa: E402
+from .backend import Backend, BackendOptions, ModelInfo, available_backends
+from .engine import ENGINE_ADAPTERS, Engine, Result, Stats, Stream, load
+from .errors import (
     AdapterError,
     BackendUnavailableError,
     ContextOverflowError,
@@ -26,7 +19,7 @@ from .errors import (  # noqa: E402
     InvalidParameterError,
     ModelError,
 )
-from .sampling import SamplingParams  # noqa: E402
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 

@@ -32,6 +32,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from .errors import BackendUnavailableError
 from .sampling import SamplingParams
 
@@ -79,6 +81,11 @@ class Backend(ABC):
     model_suffixes: ClassVar[tuple[str, ...]] = ()
     """File suffixes this backend opens; used to pick a backend for a path."""
 
+    can_score: ClassVar[bool] = False
+    """Whether :meth:`score` works (perplexity, classification)."""
+    adjustable_threads: ClassVar[bool] = False
+    """Whether :meth:`set_threads` works: the engine then follows the free cores per call."""
+
     info: ModelInfo
 
     @classmethod
@@ -122,12 +129,34 @@ class Backend(ABC):
     def next_token(self) -> int:
         """Sample the next token of the current sequence and append it."""
 
+    def score(
+        self,
+        prompt: Sequence[int],
+        continuations: Sequence[Sequence[int]],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+    ) -> list[np.ndarray]:
+        """Log-probability of each token of each continuation after ``prompt``.
+
+        ``prompt`` is evaluated as :meth:`start` does (``reuse`` means the same), once; every
+        continuation branches from it. Afterwards the backend's sequence is ``prompt``.
+        Returns one float64 array per continuation, as long as it. Only called when
+        ``can_score`` is true.
+        """
+        raise NotImplementedError(f"{self.name} cannot score token sequences")
+
     def shift(self, keep: int, discard: int) -> None:
         """Drop ``discard`` cached tokens after the first ``keep`` and close the gap.
 
         Only called when ``info.can_shift`` is true.
         """
         raise NotImplementedError(f"{self.name} cannot shift its context")
+
+    def set_threads(self, n_threads: int) -> None:
+        """Evaluate the next tokens on ``n_threads`` threads. Only called when
+        ``adjustable_threads`` is true."""
+        raise NotImplementedError(f"{self.name} cannot change its thread count")
 
     def runtime_stats(self) -> dict[str, float]:
         """The runtime's own measurements of the current sequence, where it keeps any."""

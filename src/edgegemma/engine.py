@@ -13,8 +13,6 @@ import itertools
 import logging
 import math
 import os
-import resource
-import sys
 import threading
 import time
 import weakref
@@ -23,16 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo, backend_for_path, get_backend
 from .errors import (
     AdapterError,
+    BackendUnavailableError,
     ContextOverflowError,
     EdgeGemmaError,
     EngineBusyError,
     EngineClosedError,
     InvalidParameterError,
 )
+from .memory import peak_rss_mb
 from .sampling import SamplingParams
+from .threads import ThreadPolicy, default_threads
 
 log = logging.getLogger("edgegemma")
 
@@ -94,6 +97,22 @@ class Result:
     adapters: dict[str, float]
     """The adapter set the text was generated with (empty for the bare base model)."""
     stats: Stats
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """What :meth:`Engine.perplexity` returns."""
+
+    perplexity: float
+    """exp of the mean negative log-likelihood of the scored tokens: lower is better."""
+    mean_nll: float
+    """Mean negative log-likelihood per scored token, in nats."""
+    tokens: int
+    """Tokens scored (the second half of every window)."""
+    windows: int
+    window: int
+    """Tokens per window, BOS included."""
+    seconds: float
 
 
 @dataclass
@@ -190,11 +209,15 @@ class Engine:
         model_path: Path,
         on_overflow: str = "error",
         prefix_cache: str = "exact",
+        threads: ThreadPolicy | None = None,
     ):
         _check_policy(on_overflow)
         _check_prefix_cache(prefix_cache)
         self._backend = backend
         self.model_path = model_path
+        # None: the backend keeps the thread count it was opened with.
+        self._threads = threads if threads is not None and backend.adjustable_threads else None
+        self._n_threads = threads.limit if self._threads is not None else 0
         self.on_overflow = on_overflow
         self.prefix_cache = prefix_cache
         self._adapters: dict[str, _LoadedAdapter] = {}
@@ -401,6 +424,76 @@ class Engine:
         )
         return Stream(self, request)
 
+    def perplexity(
+        self,
+        text: str,
+        *,
+        window: int = 1024,
+        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+    ) -> Perplexity:
+        """The model's perplexity on ``text``, the way llama.cpp's perplexity tool measures it.
+
+        The text's tokens are cut into windows of ``window`` tokens (BOS first); in each, the
+        tokens of the second half are scored given every token before them in the window. A
+        text shorter than one window is scored as one shorter window.
+        """
+        self._check_open()
+        if not self._backend.can_score:
+            raise BackendUnavailableError(
+                f"the {self.backend_name} backend cannot score tokens, so it has no perplexity"
+            )
+        if isinstance(window, bool) or not isinstance(window, int) or not 16 <= window <= self.n_ctx:
+            raise InvalidParameterError(
+                f"window must be an integer in [16, n_ctx={self.n_ctx}], got {window!r}"
+            )
+        active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
+        ids = self.tokenize(text, add_bos=False)
+        bos = [] if self.info.bos_id is None else [self.info.bos_id]
+        step = window - len(bos)
+        chunks = [ids[i : i + step] for i in range(0, len(ids) - step + 1, step)] or [ids]
+        if len(bos) + len(chunks[0]) < 4:
+            raise InvalidParameterError(
+                f"the text has {len(ids)} tokens; perplexity needs at least {4 - len(bos)}"
+            )
+        started = time.perf_counter()
+        total, count = 0.0, 0
+        for chunk in chunks:
+            tokens = [*bos, *chunk]
+            half = len(tokens) // 2
+            [scores] = self._score(tokens[:half], [tokens[half:]], active)
+            total -= float(scores.sum())
+            count += len(scores)
+        mean = total / count
+        return Perplexity(
+            perplexity=math.exp(mean),
+            mean_nll=mean,
+            tokens=count,
+            windows=len(chunks),
+            window=len(bos) + len(chunks[0]),
+            seconds=time.perf_counter() - started,
+        )
+
+    def _score(
+        self, prompt: list[int], continuations: list[list[int]], adapters: dict[str, float]
+    ) -> list[np.ndarray]:
+        """Log-probabilities of each continuation's tokens after ``prompt`` (see Backend.score)."""
+        with self._exclusive():
+            key = self._adapter_key(adapters)
+            handles = [(self._adapters[name].handle, scale) for name, scale in adapters.items()]
+            reuse = 0
+            if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
+                reuse = min(_common_prefix(self._cached_tokens, prompt), len(prompt) - 1)
+            self._forget_cache()
+            try:
+                scores = self._backend.score(prompt, continuations, reuse=reuse, adapters=handles)
+            except EdgeGemmaError:
+                raise
+            except Exception as exc:
+                raise EdgeGemmaError(f"{self.backend_name} backend failed while scoring: {exc}") from exc
+            self._cached_tokens = list(prompt)
+            self._cached_key = key
+            return scores
+
     def reset(self) -> None:
         """Forget the KV cache; the next call evaluates its whole prompt."""
         with self._exclusive():
@@ -457,6 +550,7 @@ class Engine:
         deadline = request.started + request.timeout if request.timeout is not None else math.inf
         try:
             t_prefill = time.perf_counter()
+            self._follow_free_cores()
             reused = backend.start(tokens, reuse=reuse, adapters=handles, sampling=request.sampling)
             prefill_s = time.perf_counter() - t_prefill
             self._cached_tokens = tokens
@@ -470,6 +564,8 @@ class Engine:
                     break
                 if len(tokens) > n_ctx:  # the pending token would not fit: make room
                     truncated += self._shift(tokens, request.protected)
+                if self._threads is not None:
+                    self._follow_free_cores()
                 token = backend.next_token()
                 now = time.perf_counter()
                 if first_token_at is None:
@@ -583,6 +679,15 @@ class Engine:
         del tokens[keep : keep + discard]
         log.debug("shifted context: kept %d, discarded %d", keep, discard)
         return discard
+
+    def _follow_free_cores(self) -> None:
+        """Give the backend as many threads as there are free cores (see :mod:`.threads`)."""
+        if self._threads is None:
+            return
+        wanted = self._threads.threads()
+        if wanted != self._n_threads:
+            self._backend.set_threads(wanted)
+            self._n_threads = wanted
 
     def _forget_cache(self) -> None:
         self._cached_tokens = []
@@ -740,21 +845,6 @@ class _TextAssembler:
         return piece
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (VmHWM)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
-
-
-def default_threads() -> int:
-    """Cores this process may run on, capped at 8 (more rarely helps a small model)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
-
-
 def load(
     model: str | os.PathLike[str] = "gemma3-270m",
     *,
@@ -776,6 +866,7 @@ def load(
 
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
         raise InvalidParameterError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+    policy = ThreadPolicy(default_threads(), fixed=False) if n_threads is None else None
     if n_threads is None:
         n_threads = default_threads()
     elif isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
@@ -786,7 +877,9 @@ def load(
     name = backend or backend_for_path(path)
     backend_class = get_backend(name)
     opened = backend_class.open(path, BackendOptions(n_ctx=n_ctx, n_threads=n_threads, extra=dict(options)))
-    return Engine(opened, model_path=path, on_overflow=on_overflow, prefix_cache=prefix_cache)
+    return Engine(
+        opened, model_path=path, on_overflow=on_overflow, prefix_cache=prefix_cache, threads=policy
+    )
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

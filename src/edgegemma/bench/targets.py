@@ -25,7 +25,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ..backend import available_backends, get_backend
-from ..engine import default_threads
+from ..threads import default_threads
 from ..errors import BackendUnavailableError, EdgeGemmaError, InvalidParameterError
 from . import llamabench
 from .hostinfo import host_info
