@@ -12,8 +12,8 @@ import pytest
 
 import edgegemma
 from edgegemma import models
+from edgegemma.adapters.gguf import write_lora_gguf
 from edgegemma.gguffile import read_header
-from edgegemma.lora import write_lora_gguf
 
 THREADS = 2
 

@@ -31,10 +31,10 @@ import numpy as np
 
 import edgegemma
 from edgegemma import models
-from edgegemma.memory import peak_rss_mb
+from edgegemma.adapters.gguf import write_lora_gguf
+from edgegemma.adapters.peft import read_peft, write_peft
 from edgegemma.gguffile import read_header
-from edgegemma.lora import write_lora_gguf
-from edgegemma.peft import read_peft, write_peft
+from edgegemma.memory import peak_rss_mb
 
 PROBE_PROMPT = "The capital of France is"
 STATES: list[dict[str, float] | None] = [
@@ -103,11 +103,11 @@ def write_adapter(backend: str, gguf: Path, model: Path, folder: Path, seed: int
         )
     peft = read_peft(write_peft(folder / f"peft-{seed}", weights, alpha=2 * RANK))
     if backend == "onnx":
-        from edgegemma.peft import to_onnx_adapter
+        from edgegemma.adapters.onnx import from_peft as to_onnx_adapter
 
         return to_onnx_adapter(peft, folder / f"{seed}.onnx_adapter", model)
     if backend == "mediapipe":
-        from edgegemma.litert_lora import convert_peft
+        from edgegemma.adapters.litert import convert_peft
 
         return convert_peft(peft, folder / f"{seed}.lora", model)
     raise SystemExit(f"soak: no adapter format known for backend {backend!r}")

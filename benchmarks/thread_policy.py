@@ -46,7 +46,9 @@ def worker(model: str, threads: int | None, reps: int, tg: int, pp: int) -> None
     print(json.dumps({k: statistics.median(v) for k, v in figures.items()}))
 
 
-def run_worker(model: str, env: dict[str, str], threads: int | None, args: argparse.Namespace) -> dict:
+def run_worker(
+    model: str, env: dict[str, str], threads: int | None, args: argparse.Namespace
+) -> dict:
     command = [sys.executable, __file__, "--worker", "--model", model, "--reps", str(args.reps),
                "--tg", str(args.tg), "--pp", str(args.pp)]  # fmt: skip
     if threads:
@@ -55,13 +57,18 @@ def run_worker(model: str, env: dict[str, str], threads: int | None, args: argpa
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_llama_bench(binary: str, model: str, env: dict[str, str], threads: int, args: argparse.Namespace) -> dict:
+def run_llama_bench(
+    binary: str, model: str, env: dict[str, str], threads: int, args: argparse.Namespace
+) -> dict:
     figures = {}
     for key, flags in (("decode_tps", ["-p", "0", "-n", str(args.tg)]),
                        ("prefill_tps", ["-p", str(args.pp), "-n", "0"])):  # fmt: skip
         out = subprocess.run(
             [binary, "-m", model, "-t", str(threads), "-r", str(args.reps), "-o", "json", *flags],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         figures[key] = json.loads(out[out.find("[") :])[0]["avg_ts"]
     return figures
@@ -118,11 +125,17 @@ def main() -> int:
                 hog.kill()
                 hog.wait()
     print(f"\n{Path(model).name}, {cores} cores, tg{args.tg} / pp{args.pp}, median of {args.reps}")
-    print(f"| busy processes | policy | runner | decode tok/s | prefill tok/s |\n|---|---|---|---|---|")
+    print(
+        "| busy processes | policy | runner | decode tok/s | prefill tok/s |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['busy']} | {r['policy']} | {r['runner']} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} |")
+        print(
+            f"| {r['busy']} | {r['policy']} | {r['runner']} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": Path(model).name, "cores": cores, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"model": Path(model).name, "cores": cores, "rows": rows}, indent=1) + "\n"
+        )
     return 0
 
 

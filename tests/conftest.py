@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from loras import random_lora
 
 import edgegemma
 from edgegemma import models
 from edgegemma.gguffile import GGUFHeader, read_header
-
-from loras import random_lora
 
 PROMPT = "The capital of France is"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegemma.adapters.gguf import write_lora_gguf
 from edgegemma.gguffile import GGUFHeader
-from edgegemma.lora import write_lora_gguf
 
 
 def random_lora(

@@ -22,16 +22,16 @@ import pytest
 
 import edgegemma
 from edgegemma import adapters
-from edgegemma.convert.cache import cached_build, sha256_file
-from edgegemma.errors import AdapterError
-from edgegemma.gguffile import read_header, tensor_array
-from edgegemma.peft import (
+from edgegemma.adapters.peft import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     read_safetensors,
     write_peft,
     write_safetensors,
 )
+from edgegemma.builds import cached_build, sha256_file
+from edgegemma.errors import AdapterError
+from edgegemma.gguffile import read_header, tensor_array
 
 PROMPT = "The gateway reported temp=81.2C vib=0.93g and then"
 MODULES = {
@@ -230,7 +230,7 @@ def test_attention_only_adapter_matches_transformers(
 def test_scale_zero_is_the_base_and_alpha_scales_the_delta(
     tmp_path, gguf_path, base_header, llama, tokens, base_logits
 ):
-    small = dict(seed=5, std=0.003, modules=("self_attn.v_proj", "mlp.down_proj"))
+    small = {"seed": 5, "std": 0.003, "modules": ("self_attn.v_proj", "mlp.down_proj")}
     a16 = adapters.convert(
         _random_peft(tmp_path / "a16", base_header, alpha=16, **small),
         "gguf",
@@ -308,10 +308,8 @@ def _zeros(*shape: int) -> np.ndarray:
         (
             lambda f: _with_tensors(
                 f,
-                **{
-                    "model__layers__18__self_attn__q_proj__lora_A__weight": _zeros(8, 640),
-                    "model__layers__18__self_attn__q_proj__lora_B__weight": _zeros(1024, 8),
-                },
+                model__layers__18__self_attn__q_proj__lora_A__weight=_zeros(8, 640),
+                model__layers__18__self_attn__q_proj__lora_B__weight=_zeros(1024, 8),
             ),
             "blk.18.attn_q.weight",
         ),
@@ -391,12 +389,12 @@ def test_cli_convert_inspect_validate(tmp_path, gguf_path, base_header, capsys):
     assert adapters.main(["inspect", str(peft)]) == 0
     assert "self_attn.q_proj (layers 0-17)" in capsys.readouterr().out
     assert adapters.main(["validate", str(out), "--model", str(gguf_path)]) == 0
-    assert "loads in llama.cpp" in capsys.readouterr().out
+    assert "loads in the llamacpp backend" in capsys.readouterr().out
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, gguf_path, capsys):
     other = tmp_path / "other.gguf"
-    from edgegemma.lora import write_lora_gguf
+    from edgegemma.adapters.gguf import write_lora_gguf
 
     write_lora_gguf(
         other,
@@ -441,7 +439,7 @@ def test_mediapipe_target_converts_with_numpy_alone(tmp_path, gguf_path, base_he
         tmp_path / "mlp", base_header, seed=12, modules=("mlp.up_proj",), layers=(0,)
     )
     with pytest.raises(AdapterError, match="attention projections"):
-        adapters.convert(mlp, "mediapipe", tmp_path / "mlp.lora", model=gguf_path)
+        adapters.convert(mlp, "litert", tmp_path / "mlp.lora", model=gguf_path)
 
 
 # -- helpers ----------------------------------------------------------------------------

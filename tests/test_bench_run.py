@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 from loras import random_lora
 
-from edgegemma.backend import available_backends, get_backend
+from edgegemma.backends import available_backends, get_backend
 from edgegemma.bench import cli, report
 from edgegemma.bench.targets import models_for
 from edgegemma.errors import BackendUnavailableError, ModelError

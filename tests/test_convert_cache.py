@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgegemma.convert.cache import (
+from edgegemma.builds import (
     MANIFEST,
     build_path,
     cached_build,

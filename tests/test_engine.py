@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import PROMPT
 
 import edgegemma
 from edgegemma import (
@@ -14,8 +15,6 @@ from edgegemma import (
     InvalidParameterError,
     ModelError,
 )
-
-from conftest import PROMPT
 
 FRANCE = " the capital of the country of France"
 
@@ -112,7 +111,7 @@ def test_invalid_token_ids_are_rejected(clean_engine):
 
 
 def test_sampling_is_reproducible_with_a_seed(clean_engine):
-    kwargs = dict(max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=1234)
+    kwargs = {"max_tokens": 16, "temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 1234}
     a = clean_engine.generate("Once upon a time", **kwargs)
     b = clean_engine.generate("Once upon a time", **kwargs)
     c = clean_engine.generate("Once upon a time", **{**kwargs, "seed": 99})
@@ -211,9 +210,14 @@ def test_no_prefix_reuse_under_adapters_by_default(clean_engine, lora_dir: Path)
     after = engine.generate(FISHERMAN + " told", max_tokens=24, adapters={"a": 1.0})
     assert after.stats.cached_tokens == 0
     engine.reset()
-    assert engine.generate(FISHERMAN + " told", max_tokens=24, adapters={"a": 1.0}).token_ids == after.token_ids
+    assert (
+        engine.generate(FISHERMAN + " told", max_tokens=24, adapters={"a": 1.0}).token_ids
+        == after.token_ids
+    )
     engine.generate(FISHERMAN, max_tokens=1)
-    assert engine.generate(FISHERMAN + " told", max_tokens=4).stats.cached_tokens > 0  # no adapter: exact
+    assert (
+        engine.generate(FISHERMAN + " told", max_tokens=4).stats.cached_tokens > 0
+    )  # no adapter: exact
     with pytest.raises(InvalidParameterError, match="prefix_cache"):
         edgegemma.load(engine.model_path, prefix_cache="sometimes")
 
@@ -266,7 +270,9 @@ def test_unload_after_per_call_use_then_reload(clean_engine, lora_dir: Path):
         ("missing.gguf", "not found"),
     ],
 )
-def test_bad_adapters_are_refused_and_the_engine_still_works(clean_engine, lora_dir, filename, message):
+def test_bad_adapters_are_refused_and_the_engine_still_works(
+    clean_engine, lora_dir, filename, message
+):
     base = clean_engine.generate(PROMPT, max_tokens=12).token_ids
     with pytest.raises(AdapterError, match=message):
         clean_engine.load_adapter("bad", lora_dir / filename)
@@ -326,7 +332,11 @@ def test_overflow_error_is_the_default_and_explains_the_numbers(clean_engine):
     with pytest.raises(ContextOverflowError) as info:
         clean_engine.generate(prompt, max_tokens=100)
     message = str(info.value)
-    assert f"{n_prompt} tokens" in message and "max_tokens is 100" in message and "n_ctx=1024" in message
+    assert (
+        f"{n_prompt} tokens" in message
+        and "max_tokens is 100" in message
+        and "n_ctx=1024" in message
+    )
     assert info.value.prompt_tokens == n_prompt and info.value.n_ctx == 1024
     assert clean_engine.generate(PROMPT, max_tokens=8).text.startswith(" the capital")
 
@@ -350,7 +360,9 @@ def test_truncate_left_keeps_the_protected_prefix(clean_engine):
     filler = _long_prompt(clean_engine, 1100)
     question = "\nThe capital of France is"
     prompt = instruction + filler + question
-    result = clean_engine.generate(prompt, max_tokens=8, on_overflow="truncate_left", keep=instruction)
+    result = clean_engine.generate(
+        prompt, max_tokens=8, on_overflow="truncate_left", keep=instruction
+    )
     stats = result.stats
     assert stats.truncated_tokens > 0
     assert stats.prompt_tokens + 8 == clean_engine.n_ctx

@@ -26,10 +26,11 @@ from loras import random_lora
 
 import edgegemma
 from edgegemma import AdapterError, ContextOverflowError, InvalidParameterError, ModelError
+from edgegemma.adapters.gguf import write_lora_gguf
+from edgegemma.adapters.litert import gguf_lora_spec, read_lora, write_lora, zero_lora
+from edgegemma.adapters.peft import read_peft, write_peft
 from edgegemma.gguffile import read_header, tensor_array
-from edgegemma.litert_lora import gguf_lora_spec, inspect_model, read_lora, write_lora, zero_lora
-from edgegemma.lora import write_lora_gguf
-from edgegemma.peft import read_peft, write_peft
+from edgegemma.tflitefile import inspect_model
 
 Tensors = dict[str, np.ndarray]
 
@@ -75,14 +76,14 @@ def _gguf_adapter(model: Path, out: Path, seed: int) -> Path:
 
 
 def _onnx_adapter(model: Path, out: Path, seed: int) -> Path:
-    from edgegemma.peft import to_onnx_adapter
+    from edgegemma.adapters.onnx import from_peft as to_onnx_adapter
 
     peft = read_peft(_random_peft(out.with_name(out.name + "-peft"), seed))
     return to_onnx_adapter(peft, out.with_suffix(".onnx_adapter"), model)
 
 
 def _litert_adapter(model: Path, out: Path, seed: int) -> Path:
-    from edgegemma.litert_lora import convert_peft
+    from edgegemma.adapters.litert import convert_peft
 
     peft = read_peft(_random_peft(out.with_name(out.name + "-peft"), seed))
     return convert_peft(peft, out.with_suffix(".lora"), model)
@@ -105,7 +106,7 @@ def _rewrite_gguf(src: Path, out: Path, change: Callable[[Tensors], Tensors]) ->
 def _rewrite_onnx(src: Path, out: Path, change: Callable[[Tensors], Tensors]) -> Path:
     import onnxruntime as ort
 
-    from edgegemma.onnxgenai import write_onnx_adapter
+    from edgegemma.adapters.onnx import write_adapter as write_onnx_adapter
 
     reader = ort.AdapterFormat.read_adapter(str(src))
     tensors = {name: np.array(value.numpy()) for name, value in reader.get_parameters().items()}

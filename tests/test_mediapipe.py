@@ -19,10 +19,12 @@ from conftest import PROMPT
 
 import edgegemma
 from edgegemma import AdapterError, ContextOverflowError, InvalidParameterError
+from edgegemma.adapters.litert import combine, convert_peft, read_lora
+from edgegemma.adapters.peft import read_peft, write_peft
 from edgegemma.convert.checkpoint import float_checkpoint
-from edgegemma.convert.litert_model import DEFAULT_QUANT, sentencepiece_model
-from edgegemma.litert_lora import combine, convert_peft, inspect_model, read_lora
-from edgegemma.peft import read_peft, write_peft
+from edgegemma.convert.litert import sentencepiece_model
+from edgegemma.recipes import LITERT_DEFAULT_QUANT as DEFAULT_QUANT
+from edgegemma.tflitefile import inspect_model
 
 PROMPTS = (
     PROMPT,
@@ -33,7 +35,12 @@ PROMPTS = (
     "Water boils at",
 )
 N_LAYERS, N_EMBD, Q_OUT, KV_OUT = 18, 640, 1024, 256
-SHAPES = {"q_proj": (N_EMBD, Q_OUT), "k_proj": (N_EMBD, KV_OUT), "v_proj": (N_EMBD, KV_OUT), "o_proj": (Q_OUT, N_EMBD)}
+SHAPES = {
+    "q_proj": (N_EMBD, Q_OUT),
+    "k_proj": (N_EMBD, KV_OUT),
+    "v_proj": (N_EMBD, KV_OUT),
+    "o_proj": (Q_OUT, N_EMBD),
+}
 
 
 def _convert(*args: str) -> list[str]:
@@ -89,9 +96,12 @@ def adapters(tmp_path_factory, bundles) -> dict[str, Path]:
     # "a" zero-padded by hand to rank 16 in PEFT, then converted: must equal "a" exactly.
     a = read_peft(root / "a")
     twin = {
-        m: (np.vstack([w.a, np.zeros_like(w.a)]), np.hstack([w.b, np.zeros_like(w.b)])) for m, w in a.weights.items()
+        m: (np.vstack([w.a, np.zeros_like(w.a)]), np.hstack([w.b, np.zeros_like(w.b)]))
+        for m, w in a.weights.items()
     }
-    files["a16"] = convert_peft(read_peft(write_peft(root / "a16", twin, alpha=32)), root / "a16.lora", model)
+    files["a16"] = convert_peft(
+        read_peft(write_peft(root / "a16", twin, alpha=32)), root / "a16.lora", model
+    )
     return files
 
 
@@ -117,14 +127,18 @@ def test_sentencepiece_ids_equal_hugging_face(checkpoint, engine):
     import tokenizers
 
     hf = tokenizers.Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    sp = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model(checkpoint / "tokenizer.json"))
+    sp = sentencepiece.SentencePieceProcessor(
+        model_proto=sentencepiece_model(checkpoint / "tokenizer.json")
+    )
     corpus = _corpus()
     assert len(corpus) > 1000
     mismatched = [
         line for line in corpus
         if not hf.encode(line, add_special_tokens=False).ids == sp.encode(line) == engine._backend.tokenize(line)
     ]  # fmt: skip
-    assert mismatched == [], f"{len(mismatched)} of {len(corpus)} lines differ, e.g. {mismatched[:3]}"
+    assert mismatched == [], (
+        f"{len(mismatched)} of {len(corpus)} lines differ, e.g. {mismatched[:3]}"
+    )
 
 
 def _corpus() -> list[str]:
@@ -133,7 +147,17 @@ def _corpus() -> list[str]:
         "Emoji 🎉🎊🥳, accents: naïve café, 中文文本, テスト, русский, العربية, हिन्दी",
         "  two  spaces\tand a tab\nnewline", "<start_of_turn>user\nhi<end_of_turn>", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u200b\u00a0",
     ]  # fmt: skip
-    for module in ("os", "re", "json", "argparse", "collections", "subprocess", "pathlib", "decimal", "logging"):
+    for module in (
+        "os",
+        "re",
+        "json",
+        "argparse",
+        "collections",
+        "subprocess",
+        "pathlib",
+        "decimal",
+        "logging",
+    ):
         mod = importlib.import_module(module)
         for name in dir(mod):
             doc = getattr(getattr(mod, name), "__doc__", None)
@@ -178,7 +202,9 @@ def float_reference(checkpoint):
         if adapter not in cache:
             model = base
             if adapter is not None:
-                model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    checkpoint, dtype=torch.float32
+                ).eval()
                 state = model.state_dict()
                 for module, w in read_peft(adapter).weights.items():
                     state[f"{module}.weight"] += torch.from_numpy(w.scale * (w.b @ w.a))
@@ -186,17 +212,25 @@ def float_reference(checkpoint):
             for prompt in PROMPTS:
                 ids = tokenizer(prompt, return_tensors="pt").input_ids
                 with torch.no_grad():
-                    continuation = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :]
+                    continuation = model.generate(ids, max_new_tokens=16, do_sample=False)[
+                        0, ids.shape[1] :
+                    ]
                     full = torch.cat([ids[0], continuation])[None]
                     base_top1 = base(full).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
-                cache[adapter][prompt] = (ids[0].tolist(), continuation.tolist(), base_top1.tolist())
+                cache[adapter][prompt] = (
+                    ids[0].tolist(),
+                    continuation.tolist(),
+                    base_top1.tolist(),
+                )
         return cache[adapter]
 
     return reference
 
 
 @pytest.mark.parametrize("kind", ["task", "litertlm"])
-def test_bundle_loads_and_greedy_output_starts_like_the_float_reference(kind, bundles, float_reference):
+def test_bundle_loads_and_greedy_output_starts_like_the_float_reference(
+    kind, bundles, float_reference
+):
     with edgegemma.load(bundles[kind], n_ctx=512, n_threads=2) as engine:
         assert engine.backend_name == "mediapipe"
         result = engine.generate(PROMPT, max_tokens=12)
@@ -204,7 +238,11 @@ def test_bundle_loads_and_greedy_output_starts_like_the_float_reference(kind, bu
         assert result.text.startswith(" the capital of the country of France")
         assert result.finish_reason == "length" and result.stats.completion_tokens == 12
     assert not (bundles[kind].parent / "model.litertlm.xnnpack_cache").exists()
-    assert sorted(p.name for p in bundles[kind].parent.iterdir()) == ["edgegemma-build.json", "model.litertlm", "model.task"]
+    assert sorted(p.name for p in bundles[kind].parent.iterdir()) == [
+        "edgegemma-build.json",
+        "model.litertlm",
+        "model.task",
+    ]
 
 
 def test_stream_stop_strings_and_seeded_sampling(engine):
@@ -216,7 +254,9 @@ def test_stream_stop_strings_and_seeded_sampling(engine):
     first = engine.generate("Once upon a time", max_tokens=20, temperature=0.8, seed=7)
     again = engine.generate("Once upon a time", max_tokens=20, temperature=0.8, seed=7)
     assert first.token_ids == again.token_ids
-    assert engine.generate(engine.tokenize(PROMPT), max_tokens=8).token_ids == _greedy(engine, PROMPT, 8)
+    assert engine.generate(engine.tokenize(PROMPT), max_tokens=8).token_ids == _greedy(
+        engine, PROMPT, 8
+    )
     # The runtime's own benchmark figures come with the engine's.
     runtime = engine.generate(PROMPT, max_tokens=4).stats.runtime
     assert runtime["prefill_tokens"] == len(engine.tokenize(PROMPT)) and runtime["prefill_tps"] > 0
@@ -229,14 +269,25 @@ def test_stream_stop_strings_and_seeded_sampling(engine):
 
 def test_token_id_prompts_with_byte_tokens_round_trip(engine):
     ids = engine.tokenize("Gothic 𝔘𝔫𝔦 and a 🦜 parrot")
-    assert any(engine._backend.token_bytes(t) in (b"\xf0", b"\x9d") for t in ids), "the prompt must use byte tokens"
-    assert engine.generate(ids, max_tokens=6).text == engine.generate("Gothic 𝔘𝔫𝔦 and a 🦜 parrot", max_tokens=6).text
+    assert any(engine._backend.token_bytes(t) in (b"\xf0", b"\x9d") for t in ids), (
+        "the prompt must use byte tokens"
+    )
+    assert (
+        engine.generate(ids, max_tokens=6).text
+        == engine.generate("Gothic 𝔘𝔫𝔦 and a 🦜 parrot", max_tokens=6).text
+    )
     assert engine.detokenize(ids[1:]) == "Gothic 𝔘𝔫𝔦 and a 🦜 parrot"
     with pytest.raises(InvalidParameterError, match="BOS"):
         engine.generate(ids[1:], max_tokens=2)
     # A spelling the tokenizer would not choose still reaches the model exactly as given.
     backend = engine._backend
-    odd = [ids[0], *backend.tokenize("Hel"), *backend.tokenize("lo"), *backend.tokenize(" wor"), *backend.tokenize("ld")]
+    odd = [
+        ids[0],
+        *backend.tokenize("Hel"),
+        *backend.tokenize("lo"),
+        *backend.tokenize(" wor"),
+        *backend.tokenize("ld"),
+    ]
     assert odd[1:] != backend.tokenize("Hello world")
     pieces = backend._prompt_pieces(odd[1:])
     assert len(pieces) > 1 and [t for p in pieces for t in backend.tokenize(p)] == odd[1:]
@@ -272,7 +323,9 @@ def test_hot_swap_on_one_engine(engine, adapters):
         with_b = _greedy(engine, PROMPT, adapters={"b": 1.0})
         assert with_b not in (base, with_a)
         assert _greedy(engine, PROMPT, adapters={"a": 1.0}) == with_a
-        assert _greedy(engine, PROMPT, adapters={"a16": 1.0}) == with_a  # rank 8 padded == rank 16 twin
+        assert (
+            _greedy(engine, PROMPT, adapters={"a16": 1.0}) == with_a
+        )  # rank 8 padded == rank 16 twin
         assert _greedy(engine, PROMPT, adapters={"a": 0.0}) == base
         engine.set_adapters({"b": 1.0})
         assert _greedy(engine, PROMPT) == with_b
@@ -288,7 +341,9 @@ def test_hot_swap_on_one_engine(engine, adapters):
         spec = inspect_model(adapters["model"]).lora
         summed = combine([(a, 0.5), (a16, 1.5)], spec)
         q_a, q_b = "lora_atten_q_a_prime_weight_3", "lora_atten_q_b_prime_weight_3"
-        np.testing.assert_allclose(summed[q_a] @ summed[q_b], 2 * a[q_a] @ a[q_b], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            summed[q_a] @ summed[q_b], 2 * a[q_a] @ a[q_b], rtol=1e-5, atol=1e-7
+        )
         with pytest.raises(AdapterError, match="rank 16 at a time"):
             engine.generate(PROMPT, max_tokens=4, adapters={"a": 1.0, "b": 1.0})
         assert _greedy(engine, PROMPT, adapters={"b": 1.0}) == with_b
@@ -301,7 +356,11 @@ def test_hot_swap_on_one_engine(engine, adapters):
 def test_adapters_litert_lm_cannot_run_are_refused_at_conversion(tmp_path, bundles):
     # Broken adapter files (and model files) are in the table of tests/test_hostile.py.
     with pytest.raises(AdapterError, match="rank 64"):
-        convert_peft(read_peft(_peft(tmp_path / "r64", seed=3, rank=64, std=0.01)), tmp_path / "r64.lora", bundles["task"])
+        convert_peft(
+            read_peft(_peft(tmp_path / "r64", seed=3, rank=64, std=0.01)),
+            tmp_path / "r64.lora",
+            bundles["task"],
+        )
     with pytest.raises(AdapterError, match="attention projections"):
         mlp = _peft(tmp_path / "mlp", seed=4, rank=8, std=0.01, targets=("q_proj", "up_proj"))
         convert_peft(read_peft(mlp), tmp_path / "mlp.lora", bundles["task"])
@@ -319,7 +378,9 @@ def test_lora_effect_agrees_with_the_float_reference(engine, adapters, float_ref
         agree = flipped = flipped_agree = total = 0
         for prompt_ids, continuation, base_top1 in float_reference(adapters["peft_a"]).values():
             for k, wanted in enumerate(continuation):
-                ours = engine.generate(prompt_ids + continuation[:k], max_tokens=1, adapters={"a": 1.0}).token_ids
+                ours = engine.generate(
+                    prompt_ids + continuation[:k], max_tokens=1, adapters={"a": 1.0}
+                ).token_ids
                 hit = ours == [wanted]
                 total += 1
                 agree += hit

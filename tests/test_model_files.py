@@ -12,6 +12,7 @@ import edgegemma
 from edgegemma import ModelError
 from edgegemma.gguffile import read_header
 
+
 def _header_only(path: Path, n_tensors: int, n_kv: int, body: bytes = b"") -> Path:
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body)
     return path

@@ -20,10 +20,12 @@ from conftest import PROMPT
 
 import edgegemma
 from edgegemma import AdapterError, ContextOverflowError, ModelError
-from edgegemma.convert.cache import read_manifest, verify_build
+from edgegemma.adapters.onnx import from_peft as to_onnx_adapter
+from edgegemma.adapters.onnx import lora_inputs
+from edgegemma.adapters.onnx import write_adapter as write_onnx_adapter
+from edgegemma.adapters.peft import read_peft, write_peft
+from edgegemma.builds import read_manifest, verify_build
 from edgegemma.convert.checkpoint import float_checkpoint
-from edgegemma.onnxgenai import lora_inputs, write_onnx_adapter
-from edgegemma.peft import read_peft, to_onnx_adapter, write_peft
 from edgegemma.sampling import SamplingParams
 
 FRANCE = " the capital of the country of France"

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgegemma.errors import AdapterError
-from edgegemma.peft import (
+from edgegemma.adapters.peft import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     read_peft,
@@ -19,6 +18,7 @@ from edgegemma.peft import (
     write_peft,
     write_safetensors,
 )
+from edgegemma.errors import AdapterError
 
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.0.self_attn.v_proj"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from edgegemma import skills
+from edgegemma.adapters.gguf import check_lora
 from edgegemma.errors import InvalidParameterError
-from edgegemma.lora import check_lora
 from edgegemma.skills import emoji, sensor
 
 
@@ -135,7 +135,8 @@ def test_base_model_few_shot_is_far_below_the_adapters(skill_engine):
 @pytest.fixture(scope="module")
 def onnx_engine(gguf_path):
     import edgegemma
-    from edgegemma.convert.onnx_model import build_onnx, build_options
+    from edgegemma.convert.onnx import build_onnx
+    from edgegemma.recipes import onnx_options as build_options
 
     build_onnx(gguf_path, build_options())  # from the cache when tests/test_onnx.py built it
     with edgegemma.load(gguf_path, backend="onnx", n_ctx=1024, n_threads=2) as shared:
@@ -147,7 +148,8 @@ def onnx_engine(gguf_path):
 @pytest.fixture(scope="module")
 def litert_engine(gguf_path):
     import edgegemma
-    from edgegemma.convert.litert_model import build_litert, build_options
+    from edgegemma.convert.litert import build_litert
+    from edgegemma.recipes import litert_options as build_options
 
     build_litert(gguf_path, build_options(lora_rank=16))  # cached by tests/test_mediapipe.py
     with edgegemma.load(gguf_path, backend="mediapipe", n_ctx=1024, n_threads=2) as shared:

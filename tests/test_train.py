@@ -15,8 +15,8 @@ import torch
 import edgegemma
 from edgegemma import skills, train
 from edgegemma.adapters import inspect
+from edgegemma.adapters.peft import read_peft
 from edgegemma.errors import InvalidParameterError
-from edgegemma.peft import read_peft
 
 PROMPT = skills.sensor_prompt("temp=95.5C vib=0.2g batt=3.9V")
 

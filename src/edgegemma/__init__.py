@@ -1,12 +1,13 @@
 """edgegemma: run fine-tuned Gemma models on edge devices from Python.
 
-    import edgegemma
-    with edgegemma.load("gemma3-270m") as engine:
-        print(engine.generate("The capital of France is", max_tokens=16).text)
+import edgegemma
+with edgegemma.load("gemma3-270m") as engine:
+    print(engine.generate("The capital of France is", max_tokens=16).text)
 """
 
-from .backend import Backend, BackendOptions, ModelInfo, available_backends
-from .engine import ENGINE_ADAPTERS, Engine, Result, Stats, Stream, load
+from .backends import available_backends
+from .backends.base import Backend, BackendOptions, Features, ModelInfo
+from .engine import ENGINE_ADAPTERS, Engine, Perplexity, Result, Stats, Stream, load
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -35,10 +36,12 @@ __all__ = [
     "Engine",
     "EngineBusyError",
     "EngineClosedError",
+    "Features",
     "IntegrityError",
     "InvalidParameterError",
     "ModelError",
     "ModelInfo",
+    "Perplexity",
     "Result",
     "SamplingParams",
     "Stats",

@@ -50,8 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, summary) in _SUBCOMMANDS.items():
         commands.add_parser(name, help=summary, add_help=False)
     gen.add_argument("prompt", help='prompt text ("-" reads standard input)')
-    gen.add_argument("--model", default="gemma3-270m", help="models.lock name or file path (default: %(default)s)")
-    gen.add_argument("--backend", help="llamacpp, onnx or mediapipe (default: chosen from the model file)")
+    gen.add_argument(
+        "--model",
+        default="gemma3-270m",
+        help="models.lock name or file path (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--backend", help="llamacpp, onnx or mediapipe (default: chosen from the model file)"
+    )
     gen.add_argument(
         "--adapter",
         action="append",
@@ -66,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--n-ctx", type=int, default=2048)
-    gen.add_argument("--threads", type=int, help="CPU threads (default: available cores, at most 8)")
+    gen.add_argument(
+        "--threads", type=int, help="CPU threads (default: available cores, at most 8)"
+    )
     gen.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")

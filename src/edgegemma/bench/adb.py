@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backend import available_backends
+from ..backends import available_backends
 from ..errors import EdgeGemmaError, InvalidParameterError
 from . import llamabench
 from .stats import summarize
@@ -226,9 +226,9 @@ def run_adb(target: str, request: BenchRequest, *, adb: str = "adb") -> dict[str
             raise InvalidParameterError(f"{name} binary not found: {path}")
     tasks = [load_task(task, limit=request.task_limit) for task in request.tasks]
     adapter_files = request.adapters_for("llamacpp")
-    for name, path in adapter_files.items():
-        if not Path(path).is_file():
-            raise InvalidParameterError(f"adapter {name}: file not found: {path}")
+    for name, file in adapter_files.items():
+        if not Path(file).is_file():
+            raise InvalidParameterError(f"adapter {name}: file not found: {file}")
     model = models_for("llamacpp", request.models, list(available_backends()))[0][0]
     if model.suffix.lower() != ".gguf":
         raise InvalidParameterError(
@@ -278,11 +278,11 @@ def run_adb(target: str, request: BenchRequest, *, adb: str = "adb") -> dict[str
         for name in runs:
             device.push(binaries[name], f"{DEVICE_DIR}/{name}", what=name)
             device.shell(f"chmod 755 {DEVICE_DIR}/{name}", what=f"chmod {name}", timeout=60)
-        adapters = {}
+        adapters: dict[str | None, str] = {}
         if "llama-completion" in runs:
-            for name, path in adapter_files.items():
+            for name, file in adapter_files.items():
                 adapters[name] = f"{DEVICE_DIR}/adapter-{name}.gguf"
-                push_if_changed(device, Path(path), adapters[name])
+                push_if_changed(device, Path(file), adapters[name])
         if "llama-bench" in runs:
             current = runs["llama-bench"]
             for workload in request.synthetic:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..backend import available_backends
+from ..backends import available_backends
 from ..errors import EdgeGemmaError, InvalidParameterError
 from ..skills import SKILLS
 from . import report as reports

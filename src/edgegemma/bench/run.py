@@ -60,12 +60,18 @@ class Plan:
 class _Stats(Protocol):
     """What both :class:`edgegemma.Stats` and the raw loop's stats provide."""
 
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float
-    total_s: float
-    prefill_tps: float
-    decode_tps: float
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def ttft_s(self) -> float: ...
+    @property
+    def total_s(self) -> float: ...
+    @property
+    def prefill_tps(self) -> float: ...
+    @property
+    def decode_tps(self) -> float: ...
 
 
 Generate = Callable[[Sequence[int], int], _Stats]
@@ -268,7 +274,7 @@ def _adapter_note(adapter: str | None) -> str:
 
 def _run_engine(plan: Plan, result: dict[str, Any]) -> None:
     import edgegemma
-    from edgegemma.backend import get_backend
+    from edgegemma.backends import get_backend
 
     get_backend(plan.backend)  # import the runtime first: load_s is the model's load alone
     started = time.perf_counter()

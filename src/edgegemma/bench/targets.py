@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from ..backend import available_backends, get_backend
-from ..threads import default_threads
+from ..backends import available_backends, get_backend
 from ..errors import BackendUnavailableError, EdgeGemmaError, InvalidParameterError
+from ..threads import default_threads
 from . import llamabench
 from .hostinfo import host_info
 from .report import SCHEMA_ID, engine_overhead, failed
@@ -211,9 +211,9 @@ def run_local(request: BenchRequest) -> dict[str, Any]:
     # Bad input fails here, before any model is loaded.
     for task in request.tasks:
         load_task(task, limit=request.task_limit)
-    for _, name, path in request.adapters:
-        if path and not Path(path).is_file():
-            raise InvalidParameterError(f"adapter {name}: file not found: {path}")
+    for _, name, file in request.adapters:
+        if file and not Path(file).is_file():
+            raise InvalidParameterError(f"adapter {name}: file not found: {file}")
     threads = request.threads or default_threads()
     report = new_report("local", request, threads)
     chosen = []

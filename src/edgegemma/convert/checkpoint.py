@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ..builds import Progress, cached_build, sha256_file, tool_versions
 from ..errors import ConversionError
-from .cache import Progress, cached_build, sha256_file, tool_versions
 
 KIND = "checkpoint"
 _RECIPE = "1"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,24 +38,8 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 DATA = Path(__file__).parent / "data"
-SKILLS = ("sensor", "emoji")
-ADAPTER_FILES = {
-    "llamacpp": "adapter.gguf",
-    "onnx": "adapter.onnx_adapter",
-    "mediapipe": "adapter.lora",
-}
-"""The name of each backend's adapter file."""
-GENERATION: dict[str, dict[str, Any]] = {
-    "sensor": {"max_tokens": 4, "temperature": 0.0, "stop": ["\n"]},
-    "emoji": {"max_tokens": 16, "temperature": 0.0, "stop": ["\n"]},
-}
-"""``generate`` settings each skill is evaluated with: greedy, short, one line."""
 FEW_SHOT = 6
 """Examples in the base model's few-shot baseline prompt (two per label for sensor)."""
-
-sensor_prompt = sensor.prompt
-emoji_prompt = emoji.prompt
-sensor_label = sensor.normalise
 
 
 @dataclass(frozen=True)
@@ -67,6 +51,50 @@ class Example:
     """What the adapter is trained to answer (with its leading space)."""
     accepted: frozenset[str] = frozenset()
     """emoji only: every emoji that counts as a correct answer."""
+
+
+@dataclass(frozen=True)
+class Skill:
+    """One shipped skill: how its prompts are built and its answers scored."""
+
+    name: str
+    prompt: Callable[[str], str]
+    """The prompt for an input in the format the adapter was trained on."""
+    generation: dict[str, Any]
+    """``generate`` settings the skill is evaluated with: greedy, short, one line."""
+    is_correct: Callable[[str, Example], bool]
+    """Whether an answer is right (sensor: the label; emoji: an accepted emoji, the hit)."""
+    overlap: Callable[[str, Example], float] | None = None
+    """A graded score per answer where the skill has one (emoji: Jaccard with the reference)."""
+    labels: tuple[str, ...] = ()
+    """The closed set of answers of a classification skill; few-shot prompts take turns."""
+
+
+SKILLS: dict[str, Skill] = {
+    "sensor": Skill(
+        name="sensor",
+        prompt=sensor.prompt,
+        generation={"max_tokens": 4, "temperature": 0.0, "stop": ["\n"]},
+        is_correct=lambda answer, example: (
+            sensor.normalise(answer) == sensor.normalise(example.completion)
+        ),
+        labels=sensor.LABELS,
+    ),
+    "emoji": Skill(
+        name="emoji",
+        prompt=emoji.prompt,
+        generation={"max_tokens": 16, "temperature": 0.0, "stop": ["\n"]},
+        is_correct=lambda answer, example: emoji.score(answer, example.accepted),
+        overlap=lambda answer, example: emoji.jaccard(answer, example.completion),
+    ),
+}
+"""The shipped skills by name."""
+GENERATION: dict[str, dict[str, Any]] = {name: skill.generation for name, skill in SKILLS.items()}
+"""``generate`` settings of each skill, by name."""
+
+sensor_prompt = sensor.prompt
+emoji_prompt = emoji.prompt
+sensor_label = sensor.normalise
 
 
 @dataclass(frozen=True)
@@ -89,27 +117,28 @@ class Evaluation:
 
 def prompt(skill: str, text: str) -> str:
     """The prompt for ``text`` in ``skill``'s trained format."""
-    return {"sensor": sensor_prompt, "emoji": emoji_prompt}[_check(skill)](text)
+    return _skill(skill).prompt(text)
 
 
 def adapter_path(skill: str, backend: str = "llamacpp", *, model: str = "gemma3-270m") -> Path:
     """The adapter file of ``skill`` for ``backend`` (llamacpp, onnx or mediapipe).
 
-    The llama.cpp adapter ships with edgegemma. The ONNX Runtime and LiteRT-LM ones are
-    converted from the shipped PEFT folder on first use (numpy only, about a second) and
-    cached under ``$EDGEGEMMA_HOME/builds``; the ONNX one names the inputs of the ONNX build
-    of ``model``, which must exist (``edgegemma convert gemma3-270m --to onnx``).
+    The llama.cpp adapter ships with edgegemma. The other formats are converted from the
+    shipped PEFT folder on first use (numpy only, about a second) and cached under
+    ``$EDGEGEMMA_HOME/builds``; the ONNX one names the inputs of the ONNX build of
+    ``model``, which must exist (``edgegemma convert gemma3-270m --to onnx``).
     """
-    if backend not in ADAPTER_FILES:
-        raise InvalidParameterError(
-            f"unknown backend {backend!r}; choose one of {', '.join(ADAPTER_FILES)}"
-        )
-    name = ADAPTER_FILES[backend]
-    if backend == "llamacpp":
-        return DATA / _check(skill) / name
-    from .. import adapters
-    from ..convert.cache import cached_build, sha256_file
+    from ..adapters import FORMATS, convert, format_for_backend
+    from ..builds import cached_build, sha256_file
 
+    if backend not in {f.backend for f in FORMATS.values()}:
+        backends = ", ".join(f.backend for f in FORMATS.values())
+        raise InvalidParameterError(f"unknown backend {backend!r}; choose one of {backends}")
+    fmt = format_for_backend(backend)
+    name = f"adapter{fmt.suffix}"
+    shipped = DATA / _skill(skill).name / name
+    if shipped.is_file():
+        return shipped
     source = peft_dir(skill)
     key = {
         "skill": skill,
@@ -117,24 +146,23 @@ def adapter_path(skill: str, backend: str = "llamacpp", *, model: str = "gemma3-
         "config_sha256": sha256_file(source / "adapter_config.json"),
         "model": model,
     }
-    build = cached_build(
-        f"skill-{backend}",
-        key,
-        lambda out: adapters.convert(source, backend, out / name, model=model),
-    )
-    return build / name
+
+    def build(out: Path) -> None:
+        convert(source, fmt.name, out / name, model=model)
+
+    return cached_build(f"skill-{backend}", key, build) / name
 
 
 def peft_dir(skill: str) -> Path:
     """The shipped PEFT folder of ``skill``, which every backend's adapter is converted from."""
-    return DATA / _check(skill) / "peft"
+    return DATA / _skill(skill).name / "peft"
 
 
 def examples(skill: str, split: str) -> list[Example]:
     """The ``"train"`` or ``"test"`` examples of ``skill``."""
     if split not in ("train", "test"):
         raise InvalidParameterError(f"split must be 'train' or 'test', got {split!r}")
-    path = DATA / _check(skill) / f"{split}.jsonl"
+    path = DATA / _skill(skill).name / f"{split}.jsonl"
     found = []
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
@@ -151,9 +179,7 @@ def examples(skill: str, split: str) -> list[Example]:
 
 def is_correct(skill: str, answer: str, example: Example) -> bool:
     """Whether ``answer`` is right: the label for sensor, an accepted emoji (hit) for emoji."""
-    if _check(skill) == "sensor":
-        return sensor.normalise(answer) == sensor.normalise(example.completion)
-    return emoji.score(answer, example.accepted)
+    return _skill(skill).is_correct(answer, example)
 
 
 def few_shot_prompt(skill: str, text: str, shots: Sequence[Example] | None = None) -> str:
@@ -167,12 +193,12 @@ def few_shot_prompt(skill: str, text: str, shots: Sequence[Example] | None = Non
 def few_shot_examples(skill: str, count: int = FEW_SHOT) -> list[Example]:
     """Solved training examples for the baseline: labels in turn, or distinct answers (emoji)."""
     train = examples(skill, "train")
-    if skill == "sensor":
+    labels = _skill(skill).labels
+    if labels:
         by_label = {
-            label: [e for e in train if sensor.normalise(e.completion) == label]
-            for label in sensor.LABELS
+            label: [e for e in train if e.completion.strip().lower() == label] for label in labels
         }
-        return [by_label[label][i] for i in range(count) for label in sensor.LABELS][:count]
+        return [by_label[label][i] for i in range(count) for label in labels][:count]
     chosen: list[Example] = []
     for example in train:
         if all(example.completion != c.completion for c in chosen):
@@ -197,6 +223,7 @@ def evaluate(
     chosen = examples(skill, split)
     if limit is not None and limit < len(chosen):
         chosen = [chosen[i * len(chosen) // limit] for i in range(limit)]
+    record = _skill(skill)
     shots = few_shot_examples(skill) if adapter is None else None
     adapters = {adapter: 1.0} if adapter is not None else None
     answers, correct, overlap = [], 0, 0.0
@@ -205,10 +232,10 @@ def evaluate(
         text = (
             example.prompt if adapter is not None else few_shot_prompt(skill, example.input, shots)
         )
-        answer = engine.generate(text, adapters=adapters, **GENERATION[skill]).text
+        answer = engine.generate(text, adapters=adapters, **record.generation).text
         answers.append(answer)
-        correct += is_correct(skill, answer, example)
-        overlap += emoji.jaccard(answer, example.completion) if skill == "emoji" else 0.0
+        correct += record.is_correct(answer, example)
+        overlap += record.overlap(answer, example) if record.overlap is not None else 0.0
     elapsed = time.perf_counter() - started
     return Evaluation(
         skill=skill,
@@ -216,13 +243,13 @@ def evaluate(
         adapter=adapter,
         total=len(chosen),
         correct=correct,
-        jaccard=overlap / len(chosen) if skill == "emoji" else None,
+        jaccard=overlap / len(chosen) if record.overlap is not None else None,
         seconds_per_example=elapsed / len(chosen),
         answers=tuple(answers),
     )
 
 
-def _check(skill: str) -> str:
-    if skill not in SKILLS:
-        raise InvalidParameterError(f"unknown skill {skill!r}; shipped skills: {', '.join(SKILLS)}")
-    return skill
+def _skill(name: str) -> Skill:
+    if name not in SKILLS:
+        raise InvalidParameterError(f"unknown skill {name!r}; shipped skills: {', '.join(SKILLS)}")
+    return SKILLS[name]

@@ -20,14 +20,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import EdgeGemmaError
-from . import ADAPTER_FILES, DATA, FEW_SHOT, SKILLS, Evaluation, emoji, evaluate, sensor
+from . import DATA, FEW_SHOT, SKILLS, Evaluation, emoji, evaluate, sensor
 
 SENSOR_SPLITS = {"train": (2400, 1), "test": (300, 2)}
 """Readings per split and the seed that generates them."""
 
-TRAINING = {
+TRAINING: dict[str, dict[str, Any]] = {
     "sensor": {"rank": 8, "alpha": 16.0, "epochs": 2, "lr": 1e-3, "seed": 0},
     "emoji": {"rank": 8, "alpha": 16.0, "epochs": 4, "lr": 1e-3, "seed": 0},
 }
@@ -83,7 +84,7 @@ def train_skill(skill: str, *, model: str = "gemma3-270m") -> dict:
         shutil.copy(result.out / "adapter_config.json", peft)
         _save_f16(result.out / "adapter_model.safetensors", peft / "adapter_model.safetensors")
         shutil.copy(result.out / "training.json", folder / "training.json")
-    gguf = adapters.convert(peft, "gguf", folder / ADAPTER_FILES["llamacpp"], model=model)
+    gguf = adapters.convert(peft, "gguf", folder / "adapter.gguf", model=model)
     return {
         "train_s": round(result.train_s),
         "examples_per_s": round(result.examples_per_s, 2),
@@ -150,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores[(e.backend, e.adapter is not None)] = _score(e)
                 who = "adapter" if e.adapter else f"base model, {FEW_SHOT}-shot"
                 overlap = f", overlap {e.jaccard:.2f}" if e.jaccard is not None else ""
-                print(f"{skill} [{e.backend}] {who}: {e.correct}/{e.total} = {e.accuracy:.1%}{overlap}")
+                print(
+                    f"{skill} [{e.backend}] {who}: {e.correct}/{e.total} = {e.accuracy:.1%}{overlap}"
+                )
             record["scores"] = list(scores.values())
             results_path.write_text(json.dumps(record, indent=1) + "\n")
     except EdgeGemmaError as exc:

@@ -43,7 +43,7 @@ def parse(reading: str) -> dict[str, float | str]:
 def label(reading: str) -> str:
     """The label the rule gives ``reading``."""
     f = parse(reading)
-    temp, vib, batt, hum = (f.get(k) for k in ("temp", "vib", "batt", "hum"))
+    temp, vib, batt, hum = (_number_field(f, k) for k in ("temp", "vib", "batt", "hum"))
     if (
         (temp is not None and temp >= 90)
         or (vib is not None and vib >= 1.5)
@@ -58,6 +58,11 @@ def label(reading: str) -> str:
     ):
         return "warning"
     return "normal"
+
+
+def _number_field(fields: dict[str, float | str], key: str) -> float | None:
+    value = fields.get(key)
+    return value if isinstance(value, float) else None
 
 
 def normalise(text: str) -> str:

@@ -18,24 +18,17 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..adapters.onnx import LoraInput, write_lora_inputs
+from ..adapters.peft import write_peft
+from ..builds import Progress
 from ..errors import ConversionError
-from ..peft import write_peft
-from .cache import Progress
 from .checkpoint import build_from_gguf
 
 KIND = "onnx"
-PRECISIONS = ("int4", "int8", "fp32")
-QUANT_METHODS = ("default", "k_quant")
-"""int4/int8 weight quantization: the builder's round-to-nearest, or llama.cpp-style k-quant
-(measured here: top-1 agreement with llama.cpp 72% instead of 51% for int4, same decode speed,
-but a ~4 min build instead of ~1 min)."""
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")
-LORA_FILE = "edgegemma-lora.json"
-"""Written into a LoRA-enabled build: which graph inputs adapt which HF module."""
 
 _RECIPE = "3"
 _TOOLS = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "torch", "peft")
@@ -43,43 +36,10 @@ _PLACEHOLDER_RANK = 4
 _ATTENTION = ("q", "k", "v", "o")
 
 
-def build_options(
-    precision: str = "int4",
-    quant_method: str = "default",
-    lora_targets: str | Sequence[str] | None = DEFAULT_LORA_TARGETS,
-) -> dict[str, str]:
-    """Checked, normalized build options: the part of a build's cache key a user chooses.
-
-    ``lora_targets`` are short projection names (``q k v o gate up down``, or a
-    comma-separated string); ``None``, empty or ``"none"`` means no LoRA inputs.
-    """
-    if precision not in PRECISIONS:
-        raise ConversionError(
-            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-        )
-    if quant_method not in QUANT_METHODS:
-        raise ConversionError(
-            f"quant_method must be one of {', '.join(QUANT_METHODS)}, got {quant_method!r}"
-        )
-    if isinstance(lora_targets, str):
-        lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip() not in ("", "none")]
-    targets = set(lora_targets or ())
-    unknown = targets - set(LORA_TARGETS)
-    if unknown:
-        raise ConversionError(
-            f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(LORA_TARGETS)}"
-        )
-    return {
-        "precision": precision,
-        "quant_method": "none" if precision == "fp32" else quant_method,
-        "lora_targets": ",".join(t for t in LORA_TARGETS if t in targets) or "none",
-    }
-
-
 def build_onnx(
     gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None
 ) -> Path:
-    """The ONNX Runtime GenAI folder for ``gguf_path`` built with :func:`build_options`, cached."""
+    """The ONNX Runtime GenAI folder for ``gguf_path`` built with :func:`~edgegemma.recipes.onnx_options`, cached."""
     return build_from_gguf(
         KIND, gguf_path, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
     )
@@ -154,7 +114,7 @@ def _run_builder(
             quantizer_log.setLevel(quiet)
 
 
-def _fix_rope_config(config: object) -> None:
+def _fix_rope_config(config: Any) -> None:  # a transformers config, read as it is at run time
     """Give the builder the flat RoPE fields it expects.
 
     transformers 5 keeps Gemma 3's RoPE per attention type in a nested ``rope_parameters``;
@@ -228,7 +188,7 @@ def _expose_lora_inputs(folder: Path, modules: dict[str, tuple[int, int]]) -> No
     model_path = folder / "model.onnx"
     model = ir.load(model_path)
     graph = model.graph
-    record = {}
+    record: dict[str, LoraInput] = {}
     for module, (n_in, n_out) in modules.items():
         a_name, b_name = _input_names(module)
         # One rank name per layer: ONNX Runtime holds every use of a dim name to one size,
@@ -245,7 +205,7 @@ def _expose_lora_inputs(folder: Path, modules: dict[str, tuple[int, int]]) -> No
             for use in value.uses():
                 for output in use.node.outputs:  # the builder fixed the placeholder's rank here
                     output.shape = None
-        record[module] = {"a": a_name, "b": b_name, "n_in": n_in, "n_out": n_out}
+        record[module] = LoraInput(a_name, b_name, n_in, n_out)
     # `model` still reads its weights lazily from the builder's files: write beside them first.
     rewritten = folder / "rewritten"
     rewritten.mkdir()
@@ -253,6 +213,4 @@ def _expose_lora_inputs(folder: Path, modules: dict[str, tuple[int, int]]) -> No
     for name in ("model.onnx", "model.onnx.data"):
         os.replace(rewritten / name, folder / name)
     rewritten.rmdir()
-    (folder / LORA_FILE).write_text(
-        json.dumps({"modules": record}, indent=1, sort_keys=True) + "\n"
-    )
+    write_lora_inputs(folder, record)

@@ -1,4 +1,4 @@
-"""The backend interface and the backend registry.
+"""The backend interface: what a runtime must do, and what it declares it can do.
 
 A backend is the strict point of cut-off between edgegemma's policy and a native runtime. It
 speaks plain primitives only: token ids, bytes, opaque adapter handles. Everything every
@@ -18,24 +18,22 @@ rewind) and returns how many it kept. ``next_token`` samples the next token and 
 to the sequence; evaluating it is the backend's business (llama.cpp and ONNX Runtime GenAI
 evaluate lazily on the following call, LiteRT-LM inside its own decode loop).
 
-Third-party backends register through the ``edgegemma.backends`` entry point group, whose
-entries point at a :class:`Backend` subclass.
+What a backend supports beyond that is declared on its class as :class:`Features` and
+checked once by the engine, before a call touches the KV cache; a backend never rejects a
+parameter by hand. Backends register in :mod:`edgegemma.backends`.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib.metadata import entry_points
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import BackendUnavailableError
-from .sampling import SamplingParams
+from ..sampling import OPTIONAL_SAMPLING, SamplingParams
 
 AdapterHandle = Any
 """Whatever a backend returns from :meth:`Backend.load_adapter`; only that backend reads it."""
@@ -65,6 +63,20 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Features:
+    """What a backend supports beyond the interface every backend implements."""
+
+    options: frozenset[str] = frozenset()
+    """Backend-specific load options it takes (``edgegemma.load(..., **options)``)."""
+    sampling: frozenset[str] = field(default_factory=lambda: frozenset(OPTIONAL_SAMPLING))
+    """The optional sampling controls it honours (see :data:`~edgegemma.sampling.OPTIONAL_SAMPLING`)."""
+    score: bool = False
+    """:meth:`Backend.score` works: perplexity, and scoring a continuation."""
+    adjustable_threads: bool = False
+    """:meth:`Backend.set_threads` works: the engine then follows the free cores per call."""
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """Load-time settings every backend understands."""
 
@@ -81,10 +93,7 @@ class Backend(ABC):
     model_suffixes: ClassVar[tuple[str, ...]] = ()
     """File suffixes this backend opens; used to pick a backend for a path."""
 
-    can_score: ClassVar[bool] = False
-    """Whether :meth:`score` works (perplexity, classification)."""
-    adjustable_threads: ClassVar[bool] = False
-    """Whether :meth:`set_threads` works: the engine then follows the free cores per call."""
+    features: ClassVar[Features] = Features()
 
     info: ModelInfo
 
@@ -142,7 +151,7 @@ class Backend(ABC):
         ``prompt`` is evaluated as :meth:`start` does (``reuse`` means the same), once; every
         continuation branches from it. Afterwards the backend's sequence is ``prompt``.
         Returns one float64 array per continuation, as long as it. Only called when
-        ``can_score`` is true.
+        ``features.score`` is true.
         """
         raise NotImplementedError(f"{self.name} cannot score token sequences")
 
@@ -155,7 +164,7 @@ class Backend(ABC):
 
     def set_threads(self, n_threads: int) -> None:
         """Evaluate the next tokens on ``n_threads`` threads. Only called when
-        ``adjustable_threads`` is true."""
+        ``features.adjustable_threads`` is true."""
         raise NotImplementedError(f"{self.name} cannot change its thread count")
 
     def runtime_stats(self) -> dict[str, float]:
@@ -165,52 +174,3 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the native model, context and adapters. Called once."""
-
-
-_BUILTIN_BACKENDS = {
-    "llamacpp": "edgegemma.llamacpp:LlamaCppBackend",
-    "onnx": "edgegemma.onnxgenai:OnnxGenAIBackend",
-    "mediapipe": "edgegemma.litertlm:LiteRTLMBackend",
-}
-
-
-def available_backends() -> dict[str, str]:
-    """Backend names mapped to the ``module:Class`` that implements each."""
-    found = dict(_BUILTIN_BACKENDS)
-    for entry in entry_points(group="edgegemma.backends"):
-        found.setdefault(entry.name, entry.value)
-    return found
-
-
-def get_backend(name: str) -> type[Backend]:
-    """The backend class registered as ``name``; imports its runtime on first use."""
-    backends = available_backends()
-    if name not in backends:
-        raise BackendUnavailableError(
-            f"unknown backend {name!r}; known backends: {', '.join(sorted(backends))}"
-        )
-    module_name, _, class_name = backends[name].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"backend {name!r} needs a package that is not installed ({exc}); "
-            f"install it with: pip install 'edgegemma[{name}]'"
-        ) from exc
-    backend_class = getattr(module, class_name)
-    if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
-        raise BackendUnavailableError(f"{backends[name]} is not an edgegemma Backend")
-    return backend_class
-
-
-def backend_for_path(path: Path) -> str:
-    """The name of the backend that opens files like ``path``."""
-    for name in available_backends():
-        try:
-            if get_backend(name).accepts(path):
-                return name
-        except BackendUnavailableError:
-            continue
-    raise BackendUnavailableError(
-        f"no installed backend opens {path.name!r} files; pass backend=... explicitly"
-    )

@@ -1,7 +1,7 @@
 """PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``), with numpy only.
 
 :func:`read_peft` reads a PEFT adapter folder into plain arrays keyed by Hugging Face module
-name; converters to each runtime's format start from it (:func:`to_onnx_adapter` here). No
+name; each runtime's format converts from it (``from_peft`` in each format module). No
 torch is needed, so adapters can be converted on the device. The safetensors container is
 read and written here directly: it is a JSON header plus raw little-endian arrays, and
 bfloat16, common in trained adapters, has no numpy dtype.
@@ -17,21 +17,23 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-_DTYPES = {
+_DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "F64": np.dtype("<f8"),
     "BF16": np.dtype("<u2"),
 }
 _MAX_HEADER = 100 << 20
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -152,44 +154,6 @@ def write_peft(
     return folder
 
 
-def to_onnx_adapter(
-    peft: PeftAdapter, out_path: str | os.PathLike[str], model_dir: str | os.PathLike[str]
-) -> Path:
-    """Write ``peft`` as an ONNX Runtime ``.onnx_adapter`` file for the model built in ``model_dir``.
-
-    The model must have been built with LoRA inputs on every module the adapter touches
-    (``edgegemma convert MODEL --to onnx --lora-targets ...``). The matrices are transposed
-    to the graph's (n_in, rank) and (rank, n_out) layout and B is multiplied by the scale.
-    """
-    from .onnxgenai import lora_inputs, write_onnx_adapter
-
-    inputs = lora_inputs(Path(model_dir))
-    if not inputs:
-        raise AdapterError(f"{model_dir} was built without LoRA inputs; it cannot take adapters")
-    unknown = sorted(set(peft.weights) - set(inputs))
-    if unknown:
-        known = sorted({m.rsplit(".", 1)[-1] for m in inputs})
-        raise AdapterError(
-            f"{peft.path.name} adapts {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}, "
-            f"which the model has no LoRA inputs for (it was built for: {', '.join(known)})"
-        )
-    parameters = {}
-    for module, weight in peft.weights.items():
-        spec = inputs[module]
-        if weight.a.shape[1] != spec.n_in or weight.b.shape[0] != spec.n_out:
-            raise AdapterError(
-                f"{peft.path.name}: {module} maps {weight.a.shape[1]} -> {weight.b.shape[0]} but the "
-                f"model's layer maps {spec.n_in} -> {spec.n_out} (an adapter for another model?)"
-            )
-        parameters[spec.a] = weight.a.T
-        parameters[spec.b] = weight.b.T * np.float32(weight.scale)
-    out = Path(out_path)
-    partial = out.with_name(out.name + ".partial")
-    write_onnx_adapter(partial, parameters)
-    os.replace(partial, out)
-    return out
-
-
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Float tensors of a safetensors file as float32 arrays."""
     try:
@@ -291,7 +255,7 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str, default: object) -> object:
+def _pattern_value(patterns: Mapping[str, _T], module: str, default: _T) -> _T:
     """PEFT's per-module override: the first pattern that matches the end of the module name."""
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):

@@ -1,17 +1,16 @@
-"""The build cache: converted models are built once per (source, tools, options).
+"""The build cache: converted models and adapters are built once per (source, tools, options).
 
 A build lives in ``<edgegemma home>/builds/<kind>/<digest>/``, where the digest hashes the
 build key (source sha256, tool versions, options). It is built in a hidden temporary folder
 next to it, gets a manifest (the key, plus sha256 and size of every file), and is then
 renamed into place in one step. So a folder under its final name is always complete: a
 failed or interrupted build leaves at most a hidden ``.partial`` folder, which the next build
-of the same key removes. A per-key ``fcntl`` lock keeps two processes from building the same
+of the same key removes. A per-key file lock keeps two processes from building the same
 thing at once; the second waits and then finds the first one's result.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,8 +23,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConversionError, EdgeGemmaError
-from ..models import home
+from filelock import FileLock, Timeout
+
+from .errors import ConversionError, EdgeGemmaError
+from .locations import home
 
 MANIFEST = "edgegemma-build.json"
 """Name of the manifest file inside every finished build folder."""
@@ -167,7 +168,7 @@ def tree_sha256(files: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _write_manifest(folder: Path, kind: str, key: Mapping[str, str], seconds: float) -> None:
-    files = {}
+    files: dict[str, dict[str, Any]] = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = file.relative_to(folder).as_posix()
         files[name] = {"sha256": sha256_file(file), "size": file.stat().st_size}
@@ -191,16 +192,16 @@ def _check_key(key: Mapping[str, str]) -> None:
 
 @contextmanager
 def _locked(lock_path: Path, say: Progress) -> Iterator[None]:
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process building {lock_path.stem}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"waiting for another process building {lock_path.stem}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _remove(path: Path) -> None:
@@ -208,3 +209,26 @@ def _remove(path: Path) -> None:
     doomed = path.with_name(f".{path.name}.trash-{os.getpid()}")
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def find_build(gguf_path: Path, kind: str, options: Mapping[str, str]) -> Path | None:
+    """The newest finished build of ``kind`` from ``gguf_path`` with ``options``, or None.
+
+    Tool versions are not compared, so a model built on another machine (or before an
+    upgrade of the build tools) is found too; only the source and the options must match.
+    """
+    wanted = {"source_sha256": sha256_file(gguf_path), **options}
+    found = []
+    for folder in (builds_root() / kind).glob("[!.]*"):
+        if not folder.is_dir():
+            continue
+        try:
+            manifest = read_manifest(folder)
+        except ConversionError:
+            continue
+        key = manifest.get("key", {})
+        if all(key.get(name) == value for name, value in wanted.items()) and verify_build(
+            folder, hashes=False
+        ):
+            found.append((manifest.get("built_at", ""), folder))
+    return max(found)[1] if found else None

@@ -17,7 +17,7 @@ token-id interface:
 - No KV cache survives a session, and sampler settings and the LoRA are fixed per session,
   so every generation starts a new session and prefills its whole prompt.
 
-LoRA (see :mod:`edgegemma.litert_lora`): a session takes one LoRA file. The base model is an
+LoRA (the format lives in :mod:`edgegemma.adapters.litert`): a session takes one LoRA file. The base model is an
 all-zero LoRA (a LoRA model run without one misbehaves), scales and sets of several adapters
 are written as one combined file, adapter files are checked against the model's LoRA inputs
 when they are loaded, and should the runtime still reject one, the engine is recreated (the
@@ -44,25 +44,20 @@ import litert_lm
 import numpy as np
 from litert_lm._ffi import STREAM_CALLBACK_TYPE
 
-from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo
-from .errors import (
+from ..adapters.litert import check_lora, combine, read_lora, write_lora, zero_lora
+from ..builds import find_build
+from ..errors import (
     AdapterError,
     ContextOverflowError,
     EdgeGemmaError,
     InvalidParameterError,
     ModelError,
 )
-from .litert_lora import (
-    LoraSpec,
-    TfliteFacts,
-    check_lora,
-    combine,
-    inspect_model,
-    read_lora,
-    write_lora,
-    zero_lora,
-)
-from .sampling import SamplingParams
+from ..locations import home
+from ..recipes import LITERT_FILES, litert_options
+from ..sampling import SamplingParams
+from ..tflitefile import LoraSpec, TfliteFacts, inspect_model
+from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
 
 _SESSIONS_PER_ENGINE = 16
 """LiteRT-LM 0.18 keeps each session's LoRA weights (~6 MB at rank 16) until its engine is
@@ -75,9 +70,11 @@ class _Adapter:
     tensors: dict[str, np.ndarray]
 
 
-class LiteRTLMBackend(Backend):
+class MediaPipeBackend(Backend):
     name = "mediapipe"
     model_suffixes = (".litertlm", ".task")
+    # LiteRT-LM's session sampler has top-k, top-p, temperature and a seed, nothing else.
+    features = Features(sampling=frozenset())
 
     def __init__(self, path: Path, facts: TfliteFacts, n_ctx: int, n_threads: int):
         self._path = path
@@ -99,6 +96,7 @@ class LiteRTLMBackend(Backend):
         self._eos = min(stops) if stops else -1
         bos = self._engine.bos_token_id
         lora = f", LoRA rank {facts.lora.rank}" if facts.lora else ", no LoRA inputs"
+        assert facts.vocab_size is not None  # open() refuses a graph without logits
         self.info = ModelInfo(
             architecture="litert-lm",
             n_ctx=n_ctx,
@@ -111,9 +109,7 @@ class LiteRTLMBackend(Backend):
         )
 
     @classmethod
-    def open(cls, path: Path, options: BackendOptions) -> LiteRTLMBackend:
-        if options.extra:
-            raise InvalidParameterError(f"unknown mediapipe options: {', '.join(sorted(options.extra))}")
+    def open(cls, path: Path, options: BackendOptions) -> MediaPipeBackend:
         if path.suffix.lower() == ".gguf":
             path = _built_bundle(path)
         if not path.is_file():
@@ -140,10 +136,14 @@ class LiteRTLMBackend(Backend):
                     max_num_tokens=self._n_ctx,
                     cache_dir=str(self._cache_dir),
                     enable_benchmark=True,
-                    lora_rank_config=litert_lm.LoraRankConfig(lora_rank=lora.rank) if lora else None,
+                    lora_rank_config=litert_lm.LoraRankConfig(lora_rank=lora.rank)
+                    if lora
+                    else None,
                 )
         except RuntimeError as exc:
-            raise ModelError(f"LiteRT-LM could not load {self._path.name}: {reason() or exc}") from None
+            raise ModelError(
+                f"LiteRT-LM could not load {self._path.name}: {reason() or exc}"
+            ) from None
 
     def _find_byte_tokens(self) -> int | None:
         """The id of ``<0x00>`` when the vocabulary has SentencePiece byte tokens, else None.
@@ -182,7 +182,7 @@ class LiteRTLMBackend(Backend):
         if spec is None:
             raise AdapterError(
                 f"{self._path.name} was converted without LoRA inputs and cannot take adapters; "
-                "convert it with --lora-rank 16 (edgegemma convert MODEL --to litertlm --lora-rank 16)"
+                "convert it with --lora-rank 16 (edgegemma convert MODEL --to litert --lora-rank 16)"
             )
         rank, tensors = read_lora(path)
         check_lora(rank, tensors, spec, name=path.name)
@@ -208,13 +208,20 @@ class LiteRTLMBackend(Backend):
             tensors = combine([(handle.tensors, scale) for handle, scale in adapters], spec)
             if self._scratch is None:
                 self._scratch = tempfile.TemporaryDirectory(prefix="edgegemma-litert-")
-            found = write_lora(Path(self._scratch.name) / f"set-{len(self._lora_files)}.tflite", tensors, rank=spec.rank)
+            found = write_lora(
+                Path(self._scratch.name) / f"set-{len(self._lora_files)}.tflite",
+                tensors,
+                rank=spec.rank,
+            )
             self._lora_files[key] = found
         return found
 
     def _write_zero_lora(self, spec: LoraSpec) -> Path:
         shapes = repr(sorted(spec.shapes.items())).encode()
-        path = self._cache_dir / f"zero-lora-r{spec.rank}-{hashlib.sha256(shapes).hexdigest()[:12]}.tflite"
+        path = (
+            self._cache_dir
+            / f"zero-lora-r{spec.rank}-{hashlib.sha256(shapes).hexdigest()[:12]}.tflite"
+        )
         if not path.is_file():
             write_lora(path, zero_lora(spec), rank=spec.rank)
         return path
@@ -231,14 +238,11 @@ class LiteRTLMBackend(Backend):
     ) -> int:
         self._stop()
         self._runtime = {}
-        # LiteRT-LM's session sampler has top-k, top-p, temperature and a seed, nothing else.
-        if sampling.repeat_penalty != 1.0:
-            raise InvalidParameterError("the mediapipe backend has no repeat_penalty; leave it at 1.0")
-        if sampling.min_p != 0.0:
-            raise InvalidParameterError("the mediapipe backend has no min_p; leave it at 0")
         bos = self.info.bos_id
         if bos is not None and (not tokens or tokens[0] != bos):
-            raise InvalidParameterError("LiteRT-LM starts every sequence with BOS: a token-id prompt must begin with it")
+            raise InvalidParameterError(
+                "LiteRT-LM starts every sequence with BOS: a token-id prompt must begin with it"
+            )
         pieces = self._prompt_pieces(tokens[1:] if bos is not None else tokens)
         lora = self._lora_path(adapters)
         if lora is not None and self._lora_sessions >= _SESSIONS_PER_ENGINE:
@@ -254,7 +258,9 @@ class LiteRTLMBackend(Backend):
             )
         except RuntimeError:
             if lora is None:
-                raise EdgeGemmaError("LiteRT-LM could not start a session (its log above says why)") from None
+                raise EdgeGemmaError(
+                    "LiteRT-LM could not start a session (its log above says why)"
+                ) from None
             # The runtime's checks of a LoRA file run here; after a failed one it needs a new engine.
             self._engine.close()
             self._engine = self._create_engine()
@@ -393,7 +399,10 @@ class _Generation:
             if error is not None:
                 if "max number of tokens" in error.lower():
                     raise ContextOverflowError(
-                        f"LiteRT-LM ran out of context: {error}", prompt_tokens=0, max_tokens=None, n_ctx=0
+                        f"LiteRT-LM ran out of context: {error}",
+                        prompt_tokens=0,
+                        max_tokens=None,
+                        n_ctx=0,
                     )
                 raise EdgeGemmaError(f"LiteRT-LM failed while decoding: {error}")
             if text:
@@ -416,7 +425,6 @@ class _Generation:
 
     def __del__(self) -> None:
         self.close()
-
 
 
 _OPEN: weakref.WeakSet[_Generation] = weakref.WeakSet()
@@ -456,8 +464,6 @@ def _cache_dir(model: Path) -> Path:
     Inside edgegemma's cache, never next to the user's model; one folder per model file
     (its path, size and mtime), so a rebuilt model does not find stale caches.
     """
-    from .models import home
-
     info = model.stat()
     identity = f"{model.resolve()}\0{info.st_size}\0{info.st_mtime_ns}".encode()
     folder = home() / "litert-cache" / hashlib.sha256(identity).hexdigest()[:16]
@@ -466,16 +472,12 @@ def _cache_dir(model: Path) -> Path:
 
 
 def _built_bundle(gguf_path: Path) -> Path:
-    """The cached LoRA-enabled ``.task`` built from a GGUF (``edgegemma convert ... --to task``)."""
-    from .convert import built_model
-    from .convert.litert_model import MODEL_FILES, build_options
-
-    options = build_options(lora_rank=16)
-    folder = built_model(gguf_path, "litert", options)
+    """The cached LoRA-enabled ``.task`` built from a GGUF (``edgegemma convert ... --to litert``)."""
+    folder = find_build(gguf_path, "litert", litert_options(lora_rank=16))
     if folder is None:
         raise ModelError(
             f"no LiteRT-LM build of {gguf_path.name} in the cache; build it with "
-            f"`edgegemma convert {gguf_path} --to task --lora-rank 16` "
+            f"`edgegemma convert {gguf_path} --to litert --lora-rank 16` "
             "(needs `pip install 'edgegemma[convert]'`, ~5 min and ~6 GB of memory)"
         )
-    return folder / MODEL_FILES["task"]
+    return folder / LITERT_FILES["task"]

@@ -5,7 +5,7 @@ One build makes both bundles from one TFLite graph:
 1. litert-torch's Gemma 3 decoder (its generative API) loads the float checkpoint and is
    exported with one ``prefill_<n>`` and one ``decode`` signature. With a LoRA rank, both
    signatures take the LoRA matrices of every attention projection as extra inputs
-   (:mod:`edgegemma.litert_lora`): LiteRT-LM runs LoRA only from a model's main signatures,
+   (:mod:`edgegemma.adapters.litert`): LiteRT-LM runs LoRA only from a model's main signatures,
    and litert-torch's own ``--lora_ranks`` adds separate ``*_lora_r16`` signatures, which it
    mishandles, while its Gemma 3 decoder takes no LoRA argument at all -- hence
    :class:`_LoraDecoder`. The export runs in a child process (~6 GB, ~3 min on two cores):
@@ -33,73 +33,37 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from ..builds import Progress
 from ..errors import ConversionError
-from ..litert_lora import LORA_RANKS
-from .cache import Progress
+from ..recipes import LITERT_FILES, LITERT_PREFILL_LENGTH, LITERT_QUANTS
 from .checkpoint import build_from_gguf
 
 KIND = "litert"
-QUANT_RECIPES = (
-    "none",
-    "fp16",
-    "weight_only_int8",
-    "dynamic_int8",
-    "dynamic_int4_block32",
-    "dynamic_int4_block128",
-)
-"""litert-torch's quantization recipes: ``none`` is float32; ``dynamic_*`` also quantize
-activations at run time (fastest), ``weight_only_int8`` only stores int8 weights."""
-DEFAULT_QUANT = "dynamic_int8"
-"""The fastest and smallest recipe; with LoRA inputs too: measured in docs/mediapipe.md, it
-keeps trained adapters' effect (weight_only_int8 keeps more of it but needs ~4 GB of memory
-at run time, none/float32 is exact at 1.9 GB and a 1 GB file)."""
-DEFAULT_CONTEXT = 2048
-"""KV cache positions, the largest ``n_ctx`` the model can be loaded with (edgegemma's default)."""
-PREFILL_LENGTH = 128
-"""Tokens per prefill step; longer prompts take several steps, shorter ones are padded."""
-MODEL_FILES = {"litertlm": "model.litertlm", "task": "model.task"}
-"""The bundle of each ``--to`` target inside a build folder."""
 START_TOKEN = "<bos>"
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
 
 _RECIPE = "1"
 """Bump when the build below changes what it writes."""
-_TOOLS = ("litert-torch", "ai-edge-litert", "torch", "litert-lm-builder", "mediapipe", "sentencepiece")
+_TOOLS = (
+    "litert-torch",
+    "ai-edge-litert",
+    "torch",
+    "litert-lm-builder",
+    "mediapipe",
+    "sentencepiece",
+)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
-def build_options(
-    quant: str | None = None, lora_rank: int | None = None, context: int = DEFAULT_CONTEXT
-) -> dict[str, str]:
-    """Checked build options (the part of the cache key a user chooses)."""
-    if lora_rank not in (None, 0, *LORA_RANKS):
-        raise ConversionError(f"--lora-rank must be one of {', '.join(map(str, LORA_RANKS))}, got {lora_rank}")
-    if quant is None:
-        quant = DEFAULT_QUANT
-    if quant not in QUANT_RECIPES:
-        raise ConversionError(f"--quant must be one of {', '.join(QUANT_RECIPES)}, got {quant!r}")
-    if isinstance(context, bool) or not isinstance(context, int) or not PREFILL_LENGTH < context <= 32768:
-        raise ConversionError(f"--context must be an integer in ({PREFILL_LENGTH}, 32768], got {context!r}")
-    return {"quant": quant, "lora_rank": str(lora_rank or 0), "context": str(context)}
-
-
-def build_litert(gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None) -> Path:
+def build_litert(
+    gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None
+) -> Path:
     """The build folder (``model.litertlm``, ``model.task``) of ``gguf_path`` with ``options``."""
     return build_from_gguf(
         KIND, gguf_path, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
     )
-
-
-def convert_command(args: argparse.Namespace) -> int:
-    """``edgegemma convert MODEL --to litertlm|task``: build (or find) the bundle, print its path."""
-    from . import _gguf, _lock_record, print_progress
-
-    options = build_options(args.quant, args.lora_rank, args.context)
-    folder = build_litert(_gguf(args.source), options, progress=print_progress)
-    print(folder / MODEL_FILES[args.to])
-    print(_lock_record(folder))
-    return 0
 
 
 def _build(checkpoint: Path, out: Path, options: Mapping[str, str], say: Progress) -> None:
@@ -107,15 +71,17 @@ def _build(checkpoint: Path, out: Path, options: Mapping[str, str], say: Progres
     with tempfile.TemporaryDirectory(prefix="edgegemma-litert-") as scratch_dir:
         scratch = Path(scratch_dir)
         tflite = scratch / "model.tflite"
-        say(f"exporting the TFLite graph ({options['quant']}, LoRA rank {options['lora_rank']}); ~3 min, ~6 GB")
+        say(
+            f"exporting the TFLite graph ({options['quant']}, LoRA rank {options['lora_rank']}); ~3 min, ~6 GB"
+        )
         _export(checkpoint, tflite, options, say)
         say("rebuilding the SentencePiece tokenizer from tokenizer.json")
         spm = scratch / "tokenizer.spm"
         spm.write_bytes(sentencepiece_model(checkpoint / "tokenizer.json"))
         say("bundling model.litertlm")
-        _write_litertlm(tflite, spm, out / MODEL_FILES["litertlm"], context, scratch)
+        _write_litertlm(tflite, spm, out / LITERT_FILES["litertlm"], context, scratch)
         say("bundling model.task")
-        _write_task(tflite, spm, out / MODEL_FILES["task"])
+        _write_task(tflite, spm, out / LITERT_FILES["task"])
 
 
 def sentencepiece_model(tokenizer_json: Path) -> bytes:
@@ -126,12 +92,16 @@ def sentencepiece_model(tokenizer_json: Path) -> bytes:
     added tokens as user-defined pieces (parsed in text, as Hugging Face does), ``<0xNN>`` as
     byte pieces for byte fallback.
     """
-    from sentencepiece import sentencepiece_model_pb2 as sp
+    from sentencepiece import sentencepiece_model_pb2  # generated protobuf code: no types
+
+    sp: Any = sentencepiece_model_pb2
 
     data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     model = data.get("model", {})
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise ConversionError(f"{tokenizer_json} is not a SentencePiece-style BPE tokenizer with byte fallback")
+        raise ConversionError(
+            f"{tokenizer_json} is not a SentencePiece-style BPE tokenizer with byte fallback"
+        )
     vocab: dict[str, int] = model["vocab"]
     added = {token["content"] for token in data.get("added_tokens", [])}
     unknown = model.get("unk_token")
@@ -179,11 +149,15 @@ def _write_litertlm(tflite: Path, spm: Path, out: Path, context: int, scratch: P
     for token in STOP_TOKENS:
         metadata.stop_tokens.add().token_str = token
     metadata.max_num_tokens = context
-    metadata.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(gemma3=llm_model_type_pb2.Gemma3()))
+    metadata.llm_model_type.CopyFrom(
+        llm_model_type_pb2.LlmModelType(gemma3=llm_model_type_pb2.Gemma3())
+    )
     metadata_path = scratch / "llm_metadata.pb"
     metadata_path.write_bytes(metadata.SerializeToString())
     bundle = builder.LitertLmFileBuilder()
-    bundle.add_system_metadata(builder.Metadata(key="Authors", value="edgegemma", dtype=builder.DType.STRING))
+    bundle.add_system_metadata(
+        builder.Metadata(key="Authors", value="edgegemma", dtype=builder.DType.STRING)
+    )
     bundle.add_llm_metadata(str(metadata_path))
     bundle.add_sentencepiece_tokenizer(str(spm))
     bundle.add_tflite_model(str(tflite), builder.TfLiteModelType.PREFILL_DECODE)
@@ -205,7 +179,7 @@ def _write_task(tflite: Path, spm: Path, out: Path) -> None:
     )
 
 
-def _export(checkpoint: Path, tflite: Path, options: dict[str, str], say: Progress) -> None:
+def _export(checkpoint: Path, tflite: Path, options: Mapping[str, str], say: Progress) -> None:
     """Run :func:`_export_worker` in a child process; relay its progress, keep its log."""
     command = [
         sys.executable, "-m", __name__, str(checkpoint), str(tflite),
@@ -224,7 +198,9 @@ def _export(checkpoint: Path, tflite: Path, options: dict[str, str], say: Progre
         raise ConversionError(f"the TFLite export failed (exit status {status}):\n{tail}")
 
 
-def _export_worker(checkpoint: Path, tflite: Path, quant: str, lora_rank: int, context: int) -> None:
+def _export_worker(
+    checkpoint: Path, tflite: Path, quant: str, lora_rank: int, context: int
+) -> None:
     import importlib
     import importlib.machinery
     import types
@@ -257,7 +233,7 @@ def _export_worker(checkpoint: Path, tflite: Path, quant: str, lora_rank: int, c
     class _LoraDecoder(gemma3.Decoder):
         """Gemma 3's decoder, text only, with a ``lora`` argument for the attention layers."""
 
-        @torch.inference_mode
+        @torch.inference_mode()
         def forward(self, tokens, input_pos, kv_cache, mask, lora=None, export_config=None):
             x = self.tok_embedding(tokens) * self.config.embedding_scale
             entries = []
@@ -269,7 +245,12 @@ def _export_worker(checkpoint: Path, tflite: Path, quant: str, lora_rank: int, c
                 )
                 adapter = lora.adapters[i] if lora is not None else None
                 h, entry = block.atten_func(
-                    block.pre_atten_norm(x), rope, layer_mask, input_pos, kv_cache.caches[i], adapter
+                    block.pre_atten_norm(x),
+                    rope,
+                    layer_mask,
+                    input_pos,
+                    kv_cache.caches[i],
+                    adapter,
                 )
                 x = x + block.post_atten_norm(h)
                 x = x + block.ff(x)
@@ -285,7 +266,9 @@ def _export_worker(checkpoint: Path, tflite: Path, quant: str, lora_rank: int, c
     model = model_builder.build_decoder_only_model(
         str(checkpoint), config, gemma3.TENSOR_NAMES_SEP_QKV, model_class=_LoraDecoder
     )
-    settings = export_config.ExportConfig(kvcache_layout=kv_utils.KV_LAYOUT_TRANSPOSED, mask_as_input=True)
+    settings = export_config.ExportConfig(
+        kvcache_layout=kv_utils.KV_LAYOUT_TRANSPOSED, mask_as_input=True
+    )
     module = converter.ExportableModule(model, export_config=settings).eval()
     cache = kv_utils.KVCache.from_model_config(context, config, kv_layout=settings.kvcache_layout)
     lora = lora_utils.LoRA.zeros(lora_rank, config) if lora_rank else None
@@ -298,20 +281,26 @@ def _export_worker(checkpoint: Path, tflite: Path, quant: str, lora_rank: int, c
 
     conversion = interface.Converter()
     conversion.add_signature(
-        f"prefill_{PREFILL_LENGTH}", module,
-        sample_kwargs=inputs(PREFILL_LENGTH, torch.arange(PREFILL_LENGTH, dtype=torch.int)),
+        f"prefill_{LITERT_PREFILL_LENGTH}", module,
+        sample_kwargs=inputs(LITERT_PREFILL_LENGTH, torch.arange(LITERT_PREFILL_LENGTH, dtype=torch.int)),
     )  # fmt: skip
-    conversion.add_signature("decode", module, sample_kwargs=inputs(1, torch.tensor([0], dtype=torch.int)))
+    conversion.add_signature(
+        "decode", module, sample_kwargs=inputs(1, torch.tensor([0], dtype=torch.int))
+    )
     print("converting to TFLite", flush=True)
-    edge_model = conversion.convert(quant_config=converter.get_quant_recipe_from_flag(quant, config))
+    edge_model = conversion.convert(
+        quant_config=converter.get_quant_recipe_from_flag(quant, config)
+    )
     print("writing the TFLite model", flush=True)
     edge_model.export(str(tflite))
 
 
-def _decoder_config(gemma3: object, hf_config: dict) -> object:
+def _decoder_config(gemma3: Any, hf_config: dict[str, Any]) -> Any:  # litert-torch is untyped
     """litert-torch's Gemma 3 decoder config matching the checkpoint's config.json."""
     if hf_config.get("model_type") != "gemma3_text":
-        raise ConversionError(f"only Gemma 3 text models convert to LiteRT-LM, not {hf_config.get('model_type')!r}")
+        raise ConversionError(
+            f"only Gemma 3 text models convert to LiteRT-LM, not {hf_config.get('model_type')!r}"
+        )
     for config in (gemma3.get_decoder_config_270m(), gemma3.get_decoder_config_1b()):
         attention = config.block_config(0).attn_config
         if (
@@ -323,14 +312,18 @@ def _decoder_config(gemma3: object, hf_config: dict) -> object:
             and attention.head_dim == hf_config["head_dim"]
         ):
             return config
-    raise ConversionError("litert-torch knows the Gemma 3 270M and 1B layouts; this checkpoint is neither")
+    raise ConversionError(
+        "litert-torch knows the Gemma 3 270M and 1B layouts; this checkpoint is neither"
+    )
 
 
 def _main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description="internal: the TFLite export step of a LiteRT build")
+    parser = argparse.ArgumentParser(
+        description="internal: the TFLite export step of a LiteRT build"
+    )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("tflite", type=Path)
-    parser.add_argument("quant", choices=QUANT_RECIPES)
+    parser.add_argument("quant", choices=LITERT_QUANTS)
     parser.add_argument("lora_rank", type=int)
     parser.add_argument("context", type=int)
     args = parser.parse_args(argv)

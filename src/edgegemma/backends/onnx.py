@@ -6,8 +6,8 @@ evaluates tokens (``Generator.append_tokens``); tokens are chosen here from its 
 sampling means the same as on llama.cpp (top-k, top-p, min-p, temperature, repeat penalty,
 seed), which the runtime's own search options cannot express.
 
-LoRA: a model built with LoRA inputs takes ``.onnx_adapter`` files (see
-:func:`edgegemma.peft.to_onnx_adapter`), activated per generator. The runtime applies one
+LoRA: a model built with LoRA inputs takes ``.onnx_adapter`` files (the format lives in
+:mod:`edgegemma.adapters.onnx`), activated per generator. The runtime applies one
 adapter at a time and has no scale, so a set of adapters with scales is merged into one
 adapter file: concatenating the LoRA ranks makes ``sum(scale_i * B_i @ A_i)`` exactly.
 
@@ -25,19 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import onnxruntime_genai as og
 
-from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo
-from .convert.onnx_model import LORA_FILE
-from .errors import (
+from ..adapters.onnx import lora_inputs, read_adapter, write_adapter
+from ..builds import find_build
+from ..errors import (
     AdapterError,
     ContextOverflowError,
     ConversionError,
     InvalidParameterError,
     ModelError,
 )
-from .sampling import SamplingParams
+from ..recipes import ONNX_OPTIONS, onnx_options
+from ..sampling import SamplingParams
+from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
 
 CONFIG_FILE = "genai_config.json"
 
@@ -45,32 +46,6 @@ _MIN_MAX_LENGTH = 512
 """The runtime refuses a KV capacity below the sliding window of Gemma 3."""
 _END_TOKENS = ("<end_of_turn>", "</s>")
 """End generation besides eos, as llama.cpp decides for this vocabulary."""
-_OPTIONS = ("precision", "quant_method", "lora_targets")
-
-
-@dataclass(frozen=True)
-class LoraInput:
-    """The graph inputs that adapt one Hugging Face module: A (n_in, rank), B (rank, n_out)."""
-
-    a: str
-    b: str
-    n_in: int
-    n_out: int
-
-
-def lora_inputs(model_dir: Path) -> dict[str, LoraInput]:
-    """The LoRA inputs of a built model by HF module name (empty: built without LoRA)."""
-    path = Path(model_dir) / LORA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        modules = json.loads(path.read_text())["modules"]
-        return {
-            name: LoraInput(m["a"], m["b"], int(m["n_in"]), int(m["n_out"]))
-            for name, m in modules.items()
-        }
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is malformed: {exc}") from None
 
 
 @dataclass
@@ -81,8 +56,9 @@ class _Adapter:
     parameters: dict[str, np.ndarray]
 
 
-class OnnxGenAIBackend(Backend):
+class OnnxBackend(Backend):
     name = "onnx"
+    features = Features(options=frozenset(ONNX_OPTIONS))
 
     def __init__(self, path: Path, model: og.Model, config: dict, n_ctx: int, max_length: int):
         self._path = path
@@ -90,7 +66,6 @@ class OnnxGenAIBackend(Backend):
         self._tokenizer = og.Tokenizer(model)
         self._max_length = max_length
         self._lora = lora_inputs(path)
-        self._lora_input_names = {name for spec in self._lora.values() for name in (spec.a, spec.b)}
         self._runtime_adapters = og.Adapters(model) if self._lora else None
         self._adapters: dict[str, _Adapter] = {}
         self._merged: dict[tuple[tuple[str, float], ...], str] = {}
@@ -123,12 +98,7 @@ class OnnxGenAIBackend(Backend):
         return path.is_dir() and (path / CONFIG_FILE).is_file()
 
     @classmethod
-    def open(cls, path: Path, options: BackendOptions) -> OnnxGenAIBackend:
-        unknown = set(options.extra) - set(_OPTIONS)
-        if unknown:
-            raise InvalidParameterError(
-                f"unknown onnx options: {', '.join(sorted(unknown))} (known: {', '.join(_OPTIONS)})"
-            )
+    def open(cls, path: Path, options: BackendOptions) -> OnnxBackend:
         if path.is_file():
             path = _built_model(path, options.extra)
         elif options.extra:
@@ -166,7 +136,9 @@ class OnnxGenAIBackend(Backend):
         try:
             return cls(path, model, config, options.n_ctx, max_length)
         except RuntimeError as exc:  # the runtime reads the tokenizer files only now
-            raise ModelError(f"ONNX Runtime GenAI could not load the tokenizer of {path}: {exc}") from None
+            raise ModelError(
+                f"ONNX Runtime GenAI could not load the tokenizer of {path}: {exc}"
+            ) from None
 
     # -- text ------------------------------------------------------------------------------
 
@@ -184,7 +156,7 @@ class OnnxGenAIBackend(Backend):
                 f"{self._path.name} was built without LoRA inputs (--no-lora); rebuild it with "
                 "`edgegemma convert MODEL --to onnx` to use adapters"
             )
-        parameters = self._read_adapter(path)
+        parameters = read_adapter(path, self._lora)
         name = self._load_runtime(path)
         self._adapters[name] = _Adapter(name, path, parameters)
         return name
@@ -196,49 +168,6 @@ class OnnxGenAIBackend(Backend):
                 del self._merged[key]
                 self._unload_runtime(merged)
         self._unload_runtime(adapter.name)
-
-    def _read_adapter(self, path: Path) -> dict[str, np.ndarray]:
-        """The adapter's matrices, checked against the model's LoRA inputs."""
-        try:
-            # The parameters point into the reader's memory: copy them while it is alive.
-            reader = ort.AdapterFormat.read_adapter(str(path))
-            parameters = {
-                name: np.array(value.numpy()) for name, value in reader.get_parameters().items()
-            }
-            del reader
-        except RuntimeError as exc:
-            raise AdapterError(f"{path.name} is not a readable .onnx_adapter file: {exc}") from None
-        if not parameters:
-            raise AdapterError(f"{path.name} holds no parameters")
-        unknown = sorted(set(parameters) - self._lora_input_names)
-        if unknown:
-            targets = sorted({m.rsplit(".", 1)[-1] for m in self._lora})
-            raise AdapterError(
-                f"{path.name} has parameters {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''} "
-                f"that the model has no LoRA inputs for (it takes adapters on: {', '.join(targets)})"
-            )
-        for module, spec in self._lora.items():
-            a, b = parameters.get(spec.a), parameters.get(spec.b)
-            if (a is None) != (b is None):
-                raise AdapterError(f"{path.name}: {module} needs both its A and B matrices")
-            if a is None:
-                continue
-            if a.dtype != np.float32 or b.dtype != np.float32:
-                raise AdapterError(
-                    f"{path.name}: {module} is {a.dtype}/{b.dtype}; the model takes float32"
-                )
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-                raise AdapterError(
-                    f"{path.name}: {module} has A {a.shape} and B {b.shape}, which share no rank"
-                )
-            if a.shape[0] != spec.n_in or b.shape[1] != spec.n_out:
-                raise AdapterError(
-                    f"{path.name}: {module} maps {a.shape[0]} -> {b.shape[1]} but the model's layer "
-                    f"maps {spec.n_in} -> {spec.n_out} (an adapter for another model?)"
-                )
-            if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                raise AdapterError(f"{path.name}: {module} contains NaN or infinite values")
-        return parameters
 
     def _load_runtime(self, path: Path) -> str:
         assert self._runtime_adapters is not None
@@ -265,7 +194,7 @@ class OnnxGenAIBackend(Backend):
         merged = self._merged.get(key)
         if merged is None:
             path = Path(self._scratch.name) / f"merged-{next(self._names)}.onnx_adapter"
-            write_onnx_adapter(path, self._merge(key))
+            write_adapter(path, self._merge(key))
             merged = self._merged[key] = self._load_runtime(path)
         return merged
 
@@ -384,19 +313,16 @@ class OnnxGenAIBackend(Backend):
 
 def _built_model(gguf_path: Path, extra: Mapping[str, object]) -> Path:
     """The cached ONNX build of a GGUF (``edgegemma convert ... --to onnx``)."""
-    from .convert import built_model
-    from .convert.onnx_model import build_options
-
     try:
-        options = build_options(**extra)  # type: ignore[arg-type]
+        options = onnx_options(**extra)  # type: ignore[arg-type]
     except ConversionError as exc:
         raise InvalidParameterError(str(exc)) from None
-    found = built_model(gguf_path, "onnx", options)
+    found = find_build(gguf_path, "onnx", options)
     if found is None:
         flags = "".join(
             f" --{name.replace('_', '-')} {value}"
             for name, value in options.items()
-            if value != build_options()[name] and not (name == "quant_method" and value == "none")
+            if value != onnx_options()[name] and not (name == "quant_method" and value == "none")
         )
         raise ModelError(
             f"no ONNX build of {gguf_path.name} with {options} in the cache; build it with "
@@ -426,17 +352,6 @@ def _special_tokens(model_dir: Path) -> set[int]:
         return {int(token["id"]) for token in added if token.get("special")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"cannot read the special tokens of {path}: {exc}") from None
-
-
-def write_onnx_adapter(path: Path, parameters: Mapping[str, np.ndarray]) -> None:
-    """Write named float32 matrices as an ONNX Runtime ``.onnx_adapter`` file."""
-    # OrtValues borrow the arrays' memory on CPU: keep the arrays alive until the export.
-    arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in parameters.items()}
-    adapter = ort.AdapterFormat()
-    adapter.set_parameters(
-        {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
-    )
-    adapter.export_adapter(str(path))
 
 
 class _TokenBytes:

@@ -17,11 +17,17 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
-from .backend import AdapterHandle, Backend, BackendOptions, ModelInfo
-from .errors import AdapterError, ContextOverflowError, EdgeGemmaError, InvalidParameterError, ModelError
-from .gguffile import GGUFHeader, read_header
-from .lora import check_lora, float32_copy
-from .sampling import SamplingParams
+from ..adapters.gguf import check_lora, float32_copy
+from ..errors import (
+    AdapterError,
+    ContextOverflowError,
+    EdgeGemmaError,
+    InvalidParameterError,
+    ModelError,
+)
+from ..gguffile import GGUFHeader, read_header
+from ..sampling import SamplingParams
+from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
 
 _N_CTX_STEP = 256
 """llama.cpp pads n_ctx to this multiple; asking for exactly that avoids surprises."""
@@ -51,7 +57,8 @@ class _NativeLog:
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[str]]:
         with self._lock:
-            self._capture = lines = []
+            lines: list[str] = []
+            self._capture = lines
             try:
                 yield lines
             finally:
@@ -76,7 +83,11 @@ def _init_runtime() -> None:
 def _reason(lines: list[str]) -> str:
     """The useful part of captured log lines: errors, else the last few lines."""
     text = "".join(lines)
-    wanted = [line.strip() for line in text.splitlines() if "error" in line.lower() or "fail" in line.lower()]
+    wanted = [
+        line.strip()
+        for line in text.splitlines()
+        if "error" in line.lower() or "fail" in line.lower()
+    ]
     chosen = wanted or [line.strip() for line in text.splitlines()[-3:]]
     return "; ".join(line for line in chosen if line) or "no reason given by llama.cpp"
 
@@ -84,10 +95,11 @@ def _reason(lines: list[str]) -> str:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     model_suffixes = (".gguf",)
-    adjustable_threads = True
-    can_score = True
+    features = Features(score=True, adjustable_threads=True)
 
-    def __init__(self, header: GGUFHeader, model: ll.llama_model_p, ctx: ll.llama_context_p, n_ctx: int):
+    def __init__(
+        self, header: GGUFHeader, model: ll.llama_model_p, ctx: ll.llama_context_p, n_ctx: int
+    ):
         self._header = header
         self._model = model
         self._ctx = ctx
@@ -121,8 +133,6 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def open(cls, path: Path, options: BackendOptions) -> LlamaCppBackend:
-        if options.extra:
-            raise InvalidParameterError(f"unknown llamacpp options: {', '.join(sorted(options.extra))}")
         header = read_header(path)
         if header.file_type != "model":
             raise ModelError(f"{path.name} is a GGUF {header.file_type!r}, not a model")

@@ -1,22 +1,116 @@
-"""LoRA adapters in GGUF: write them, inspect them, check them against a base model.
+"""LoRA adapters in GGUF, llama.cpp's format: convert, write, inspect, check against a base model.
 
 Layout (llama.cpp's own converter and loader): metadata ``general.type = "adapter"``,
 ``adapter.type = "lora"``, ``adapter.lora.alpha``, ``general.architecture`` = the base's;
 tensors ``<base tensor>.lora_a`` with numpy shape (rank, n_in) and ``<base tensor>.lora_b``
 with numpy shape (n_out, rank). llama.cpp scales the product by ``scale * alpha / rank``.
+
+Converting a PEFT adapter follows llama.cpp's own ``convert_lora_to_gguf.py``: tensors
+``blk.N.attn_q.weight.lora_a`` (PEFT ``lora_A``) and ``.lora_b`` (PEFT ``lora_B``), and
+``adapter.lora.alpha`` = PEFT's ``lora_alpha``. Where that converter would be wrong, the
+scale is made right instead: for rsLoRA (PEFT scales by alpha / sqrt(rank), which llama.cpp's
+converter ignores) the file stores alpha * sqrt(rank), and per-module ``alpha_pattern``
+values, which one GGUF alpha cannot express, are folded into that module's B.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import AdapterError, ModelError
-from .gguffile import GGUFHeader, read_header, tensor_array
+from ..errors import AdapterError, ModelError
+from ..gguffile import GGUFHeader, read_header, tensor_array
+from .base import AdapterFormat, AdapterSummary
+from .peft import PeftAdapter
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# Text decoder layers of Gemma (and Llama-like) checkpoints, also inside a multimodal
+# Gemma 3 (``model.language_model.layers``), whose text tower has the same tensors.
+_HF_LAYER = re.compile(
+    r"(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.("
+    + "|".join(re.escape(k) for k in _GGUF_NAMES)
+    + r")"
+)
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def gguf_tensor_name(module: str) -> str:
+    """The llama.cpp tensor a Hugging Face module name adapts, e.g. ``blk.3.attn_q.weight``."""
+    match = _HF_LAYER.fullmatch(module)
+    if match is None:
+        raise AdapterError(
+            f"LoRA on {module!r} has no llama.cpp equivalent here: edgegemma converts LoRA on the "
+            f"decoder layers' {', '.join(k.split('.')[1] for k in _GGUF_NAMES)}"
+        )
+    return f"blk.{match[1]}.{_GGUF_NAMES[match[2]]}.weight"
+
+
+def to_gguf(
+    peft: PeftAdapter,
+    out_path: str | os.PathLike[str],
+    base: GGUFHeader,
+    *,
+    dtype: str = "f16",
+) -> Path:
+    """Write ``peft`` as a llama.cpp LoRA adapter for the base model whose header is ``base``.
+
+    ``dtype`` is ``"f16"`` (half the size; the default) or ``"f32"``. Every module is checked
+    against the base tensor it adapts, so an adapter for another model fails here, not on
+    the device.
+    """
+    if dtype not in ("f16", "f32"):
+        raise AdapterError(f"GGUF adapters are written as f16 or f32, not {dtype!r}")
+    # llama.cpp multiplies by alpha / rank of each tensor; rsLoRA wants alpha / sqrt(rank).
+    alpha = peft.alpha * math.sqrt(peft.rank) if peft.use_rslora else peft.alpha
+    weights = {}
+    for module, weight in peft.weights.items():
+        name = gguf_tensor_name(module)
+        if name not in base.tensors:
+            raise AdapterError(
+                f"{peft.path.name}: {module} adapts {name}, which {base.path.name} does not have "
+                f"(its {base.arch_value('block_count')} blocks are numbered from 0)"
+            )
+        n_in, n_out = base.tensors[name].shape
+        if weight.a.shape[1] != n_in or weight.b.shape[0] != n_out:
+            raise AdapterError(
+                f"{peft.path.name}: {module} maps {weight.a.shape[1]} -> {weight.b.shape[0]} but "
+                f"{base.path.name}'s {name} maps {n_in} -> {n_out} (an adapter for another model?)"
+            )
+        llama_scale = (
+            alpha / weight.rank if alpha else 1.0
+        )  # llama.cpp reads alpha 0 as "no scaling"
+        b = weight.b
+        if not math.isclose(weight.scale, llama_scale, rel_tol=1e-6):
+            b = b * np.float32(weight.scale / llama_scale)
+        if dtype == "f16" and max(np.abs(weight.a).max(), np.abs(b).max()) > _F16_MAX:
+            raise AdapterError(
+                f"{peft.path.name}: {module} has values beyond float16; use dtype f32"
+            )
+        weights[name] = (weight.a, b)
+    if len(weights) != len(peft.weights):
+        raise AdapterError(f"{peft.path.name}: two modules map to the same llama.cpp tensor")
+    out = write_lora_gguf(
+        out_path,
+        architecture=base.architecture,
+        alpha=alpha,
+        weights=weights,
+        dtype=np.float16 if dtype == "f16" else np.float32,
+    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,7 +198,9 @@ def check_lora(path: str | os.PathLike[str], base: GGUFHeader) -> LoraInfo:
         if target not in base.tensors:
             raise AdapterError(f"{adapter_path.name}: the base model has no tensor {target!r}")
         if len(base.tensors[target].shape) != 2:
-            raise AdapterError(f"{adapter_path.name}: {target} is not a weight matrix of the base model")
+            raise AdapterError(
+                f"{adapter_path.name}: {target} is not a weight matrix of the base model"
+            )
         n_in, n_out = base.tensors[target].shape
         a = header.tensors[f"{target}.lora_a"].shape  # ggml order: (n_in, rank)
         b = header.tensors[f"{target}.lora_b"].shape  # ggml order: (rank, n_out)
@@ -116,7 +212,9 @@ def check_lora(path: str | os.PathLike[str], base: GGUFHeader) -> LoraInfo:
     for name in header.tensors:
         values = tensor_array(header, name) if _is_float(header, name) else None
         if values is not None and not np.isfinite(values).all():
-            raise AdapterError(f"{adapter_path.name}: tensor {name} contains NaN or infinite values")
+            raise AdapterError(
+                f"{adapter_path.name}: tensor {name} contains NaN or infinite values"
+            )
     return info
 
 
@@ -159,3 +257,33 @@ def _lora_info(header: GGUFHeader) -> LoraInfo:
         targets=tuple(targets),
         size_bytes=path.stat().st_size,
     )
+
+
+def from_peft(peft: PeftAdapter, out: Path, base_model: Path, dtype: str) -> Path:
+    """The GGUF adapter for the GGUF model ``base_model`` (see :func:`to_gguf`)."""
+    return to_gguf(peft, out, read_header(base_model), dtype=dtype)
+
+
+def inspect(path: Path) -> AdapterSummary:
+    info = inspect_lora(path)
+    return AdapterSummary(
+        path=info.path,
+        format="gguf",
+        architecture=info.architecture,
+        rank=info.rank,
+        alpha=info.alpha,
+        scale=info.alpha / info.rank if info.alpha else 1.0,
+        targets=info.targets,
+        size_bytes=info.size_bytes,
+    )
+
+
+FORMAT = AdapterFormat(
+    name="gguf",
+    backend="llamacpp",
+    suffix=".gguf",
+    dtypes=("f16", "f32"),
+    title="GGUF LoRA (llama.cpp)",
+    from_peft=from_peft,
+    inspect=inspect,
+)

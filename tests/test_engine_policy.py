@@ -1,0 +1,167 @@
+"""Engine policy on the scripted backend: exhaustive, fast, no model.
+
+The real-model tests (test_engine.py and the per-backend suites) show that the policy works
+on each runtime; these show that it is right for every input hypothesis can think of: stop
+strings across token and UTF-8 boundaries, the context budget and its overflow policies, the
+KV cache key across adapter sets, thread-count following.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgegemma import ContextOverflowError, Engine, InvalidParameterError
+from edgegemma.backends.scripted import BOS, ScriptedBackend
+from edgegemma.threads import ThreadPolicy
+
+texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+stops = st.lists(st.text(min_size=1, max_size=4), max_size=3)
+
+
+def engine_for(reply: str, **options: object) -> tuple[Engine, ScriptedBackend]:
+    backend = ScriptedBackend(lambda prompt, adapters: reply, **options)  # type: ignore[arg-type]
+    return Engine(backend, model_path=Path("scripted")), backend
+
+
+def reference(reply: str, stop: list[str], max_tokens: int) -> tuple[str, str]:
+    """What the engine must answer: the reply cut at max_tokens bytes, then at the first stop."""
+    data = reply.encode("utf-8")
+    limited = data[:max_tokens].decode("utf-8", errors="replace")
+    hits = [(limited.find(s), s) for s in stop if s in limited]
+    if hits:
+        return limited[: min(hits)[0]], "stop"
+    return limited, "length" if len(data) >= max_tokens else "stop"
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply=texts, stop=stops, max_tokens=st.integers(0, 60))
+def test_stop_strings_and_limits_match_the_reference(reply, stop, max_tokens):
+    engine, _ = engine_for(reply)
+    pieces = list(stream := engine.stream("p", max_tokens=max_tokens, stop=stop))
+    result = stream.result
+    want_text, want_reason = reference(reply, stop, max_tokens)
+    if max_tokens == 0:
+        want_text, want_reason = "", "length"
+    assert result.text == want_text
+    assert "".join(pieces) == result.text, "streamed pieces are the text, nothing held back"
+    assert result.finish_reason == want_reason
+    assert not any(s in result.text for s in stop)
+    assert result.stats.completion_tokens <= max_tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt=st.text(st.characters(codec="ascii"), min_size=1, max_size=80),
+    max_tokens=st.integers(1, 80),
+    keep=st.integers(0, 10),
+    policy=st.sampled_from(["error", "truncate_left"]),
+)
+def test_the_context_budget_is_never_exceeded_nor_silently_cut(prompt, max_tokens, keep, policy):
+    engine, backend = engine_for("x" * 100, n_ctx=64)
+    n_prompt = 1 + len(prompt)  # BOS and one token per byte
+    keep = min(keep, n_prompt)
+    try:
+        result = engine.generate(prompt, max_tokens=max_tokens, on_overflow=policy, keep=keep)
+    except ContextOverflowError as exc:
+        assert n_prompt + max_tokens > 64
+        assert exc.n_ctx == 64 and exc.prompt_tokens == n_prompt
+        assert policy == "error" or n_prompt - max(keep, 1) - 1 < n_prompt + max_tokens - 64
+        return
+    started = [c for c in backend.calls if c.method == "start"][-1].args["tokens"]
+    assert len(started) + max_tokens <= 64
+    assert result.stats.completion_tokens == max_tokens  # the reply is long: never shrunk
+    if policy == "truncate_left":
+        assert result.stats.truncated_tokens == max(0, n_prompt + max_tokens - 64)
+        assert started[: max(keep, 1)] == [BOS, *prompt.encode()][: max(keep, 1)]
+    else:
+        assert result.stats.truncated_tokens == 0
+
+
+def test_shift_keeps_the_protected_prefix_and_generates_on():
+    engine, backend = engine_for("y" * 200, n_ctx=32)
+    result = engine.generate("abcdefgh", max_tokens=60, on_overflow="shift", keep="abc")
+    assert result.stats.completion_tokens == 60
+    shifts = [c.args for c in backend.calls if c.method == "shift"]
+    assert shifts and all(s["keep"] == 4 for s in shifts)  # BOS + "abc"
+    assert backend.cache[:4] == [BOS, *b"abc"]
+
+
+adapter_sets = st.sampled_from([None, {"a": 1.0}, {"a": 0.5}, {"b": 1.0}, {"a": 1.0, "b": 1.0}])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.sampled_from(["shared prefix one", "shared prefix two", "other"]), adapter_sets),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_the_kv_cache_is_reused_only_under_the_same_adapter_set(tmp_path_factory, calls):
+    folder = tmp_path_factory.mktemp("adapters")
+    engine, backend = engine_for("z")
+    for name in ("a", "b"):
+        (folder / f"{name}.bin").write_bytes(b"")
+        engine.load_adapter(name, folder / f"{name}.bin")
+    previous = None
+    for prompt, adapters in calls:
+        engine.generate(prompt, max_tokens=1, adapters=adapters)
+        start = [c for c in backend.calls if c.method == "start"][-1].args
+        key = {f"{k}.bin": v for k, v in (adapters or {}).items()}
+        assert start["adapters"] == key
+        if start["reuse"]:
+            assert previous is not None and previous == key
+        previous = key
+
+
+def test_a_rebound_adapter_name_is_a_new_cache_key(tmp_path):
+    engine, backend = engine_for("z")
+    (tmp_path / "one.bin").write_bytes(b"")
+    (tmp_path / "two.bin").write_bytes(b"")
+    engine.load_adapter("skill", tmp_path / "one.bin")
+    engine.generate("same prompt", max_tokens=1, adapters={"skill": 1.0})
+    engine.unload_adapter("skill")
+    engine.load_adapter("skill", tmp_path / "two.bin")
+    engine.generate("same prompt", max_tokens=1, adapters={"skill": 1.0})
+    last = [c for c in backend.calls if c.method == "start"][-1].args
+    assert last["adapters"] == {"two.bin": 1.0} and last["reuse"] == 0
+
+
+def test_unsupported_sampling_is_refused_before_the_cache_is_touched():
+    backend = ScriptedBackend(lambda p, a: "ok")
+    backend.features = type(backend.features)(sampling=frozenset())  # a backend without min_p
+    engine = Engine(backend, model_path=Path("scripted"))
+    engine.generate("warm", max_tokens=1)
+    starts = len([c for c in backend.calls if c.method == "start"])
+    with pytest.raises(InvalidParameterError, match="no min_p"):
+        engine.generate("warm", max_tokens=1, min_p=0.1)
+    assert len([c for c in backend.calls if c.method == "start"]) == starts
+    assert engine.generate("warm", max_tokens=1).text == "o"
+
+
+def test_threads_follow_the_policy_per_call():
+    backend = ScriptedBackend(lambda p, a: "ok")
+
+    class TwoThenOne(ThreadPolicy):
+        answers = iter([2, 1, 1, 1, 1, 1])
+
+        def threads(self) -> int:
+            return next(self.answers, 1)
+
+    engine = Engine(backend, model_path=Path("scripted"), threads=TwoThenOne(2, fixed=False))
+    engine.generate("a", max_tokens=2)
+    assert [c.args["n_threads"] for c in backend.calls if c.method == "set_threads"] == [1]
+    assert backend.threads == 1
+
+
+def test_a_closed_stream_cancels_and_the_engine_answers_again():
+    engine, _ = engine_for("abcdef")
+    stream = engine.stream("p", max_tokens=10)
+    assert next(stream) == "a"
+    stream.close()
+    assert stream.result.finish_reason == "cancelled"
+    assert engine.generate("p", max_tokens=10).text == "abcdef"
