@@ -24,7 +24,7 @@ from pathlib import Path
 TARGET_OVERHEAD = 0.03
 
 
-def worker(kind: str, model: str, n_ctx: int, threads: int) -> int:
+def worker(kind: str, backend: str, model: str, n_ctx: int, threads: int) -> int:
     """Serve requests on stdin ('pp N ROUND' / 'tg N ROUND' / 'quit'), one JSON line each."""
     from edgegemma.bench.run import peak_rss
     from edgegemma.bench.workloads import Synthetic, synthetic_ids
@@ -33,16 +33,16 @@ def worker(kind: str, model: str, n_ctx: int, threads: int) -> int:
     if kind == "engine":
         import edgegemma
 
-        engine = edgegemma.load(model, backend="llamacpp", n_ctx=n_ctx, n_threads=threads)
+        engine = edgegemma.load(model, backend=backend, n_ctx=n_ctx, n_threads=threads)
         vocab, bos = engine.info.vocab_size, engine.info.bos_id
 
         def generate(ids, max_tokens):
             engine.reset()
             return engine.generate(ids, max_tokens=max_tokens).stats
     else:
-        from edgegemma.bench.baseline import RawLoop
+        from edgegemma.bench.baseline import open_loop
 
-        loop = RawLoop(Path(model), n_ctx=n_ctx, n_threads=threads)
+        loop = open_loop("raw", backend, Path(model), n_ctx=n_ctx, n_threads=threads)
         vocab, bos, generate = loop.vocab_size, loop.bos_id, loop.generate
     print(json.dumps({"load_s": time.perf_counter() - started}), flush=True)
     for line in sys.stdin:
@@ -66,8 +66,8 @@ class Worker:
     def __init__(self, kind: str, args: argparse.Namespace, model: str):
         self.kind = kind
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, "--model", model, "--n-ctx", str(args.n_ctx),
-             "-t", str(args.threads)],
+            [sys.executable, __file__, "--worker", kind, "--backend", args.backend, "--model", model,
+             "--n-ctx", str(args.n_ctx), "-t", str(args.threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.load_s = self._reply()["load_s"]
@@ -91,7 +91,8 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--model", default=None, help="default: the backend's default model")
+    parser.add_argument("--backend", default="llamacpp")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--pp", type=int, default=128)
     parser.add_argument("--tg", type=int, default=64)
@@ -105,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgegemma.threads import default_threads
 
     args.threads = args.threads or default_threads()
-    model = str(models.resolve(args.model))
+    model = str(models.resolve(args.model or models.default_model(args.backend)))
     if args.worker:
-        return worker(args.worker, model, args.n_ctx, args.threads)
+        return worker(args.worker, args.backend, model, args.n_ctx, args.threads)
 
     print(
         f"model {Path(model).name}, {args.threads} threads, n_ctx {args.n_ctx}, {args.rounds} rounds",

@@ -76,7 +76,7 @@ def run_llama_bench(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--model", default="gemma3-270m-embed-iq4_nl")
     parser.add_argument("--busy", default="0,1", help="numbers of busy processes (default 0,1)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tg", type=int, default=64)
@@ -124,7 +124,7 @@ def main() -> int:
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-    print(f"\n{Path(model).name}, {cores} cores, tg{args.tg} / pp{args.pp}, median of {args.reps}")
+    print(f"\n{args.model}, {cores} cores, tg{args.tg} / pp{args.pp}, median of {args.reps}")
     print(
         "| busy processes | policy | runner | decode tok/s | prefill tok/s |\n|---|---|---|---|---|"
     )
@@ -134,7 +134,7 @@ def main() -> int:
         )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"model": Path(model).name, "cores": cores, "rows": rows}, indent=1) + "\n"
+            json.dumps({"model": args.model, "cores": cores, "rows": rows}, indent=1) + "\n"
         )
     return 0
 

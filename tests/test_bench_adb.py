@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from loras import random_lora
 
-from edgegemma.bench import cli, report
+from edgegemma.bench import cli, schema
 from edgegemma.bench.adb import pick_device
 from edgegemma.bench.targets import TargetError
 
@@ -73,7 +73,7 @@ def test_adb_target_runs_llama_bench_on_the_device(
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     found = json.loads(out.read_text())
-    jsonschema.validate(found, report.SCHEMA)
+    jsonschema.validate(found, schema.SCHEMA)
     assert found["target"] == "adb:standin-01"
     facts = found["device"]
     assert (facts["model"], facts["soc"], facts["android"], facts["abi"]) == (
@@ -112,7 +112,7 @@ def test_device_that_disconnects_mid_run_keeps_partial_results(
     captured = capsys.readouterr()
     assert code == 1
     found = json.loads(out.read_text())
-    jsonschema.validate(found, report.SCHEMA)
+    jsonschema.validate(found, schema.SCHEMA)
     (run,) = found["runs"]
     assert [row["workload"] for row in run["results"]] == ["pp16"]
     assert run["results"][0]["prefill_tps"]["min"] > 0
@@ -134,7 +134,7 @@ def test_task_workload_and_adapter_on_the_device(
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     found = json.loads(out.read_text())
-    jsonschema.validate(found, report.SCHEMA)
+    jsonschema.validate(found, schema.SCHEMA)
     (run,) = found["runs"]
     assert run["runner"] == "llama-completion" and run["error"] is None
     assert run["peak_rss_mb"] > run["model_size_mb"] and run["load_s"] > 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from edgegemma.bench import cli, report
+from edgegemma.bench import cli, schema
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -95,16 +95,20 @@ def test_ssh_target_runs_the_harness_remotely(sshd, gguf_path, tmp_path, capsys)
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     found = json.loads(out.read_text())
-    jsonschema.validate(found, report.SCHEMA)
+    jsonschema.validate(found, schema.SCHEMA)
     assert found["target"] == target
     assert found["host"]["hostname"] == socket.gethostname()
-    engine, raw = found["runs"]
-    assert (engine["runner"], raw["runner"]) == ("engine", "raw")
+    engine, raw, high_level = found["runs"]
+    assert (engine["runner"], raw["runner"], high_level["runner"]) == (
+        "engine",
+        "raw",
+        "llama-cpp-python",
+    )
     assert [r["workload"] for r in engine["results"]] == ["pp8", "tg4", "sensor"]
     assert engine["peak_rss_mb"] > engine["model_size_mb"]
     # The remote's progress is relayed as it runs, and the table is printed here.
     assert "127.0.0.1|" in captured.err and "pp8" in captured.err
-    assert target in captured.out and "llamacpp (raw loop)" in captured.out
+    assert target in captured.out and "llamacpp (runtime alone)" in captured.out
 
 
 def test_unreachable_ssh_host_is_a_clear_error(sshd, capsys):

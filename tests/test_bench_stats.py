@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgegemma import skills
-from edgegemma.bench import cli, report
+from edgegemma.bench import cli, schema
 from edgegemma.bench.stats import percentile, summarize
 from edgegemma.bench.targets import BenchRequest, split_model_specs, ssh_command
 from edgegemma.bench.workloads import (
@@ -219,7 +219,7 @@ def _report(hostname: str, decode: list[float], latency: list[float]) -> dict:
         "rss_source": "VmHWM", "results": [row], "adapter_swaps": [], "error": None,
     }  # fmt: skip
     return {
-        "schema": report.SCHEMA_ID, "created": "2026-11-21T00:00:00+00:00", "target": "local",
+        "schema": schema.SCHEMA_ID, "created": "2026-11-21T00:00:00+00:00", "target": "local",
         "host": {"hostname": hostname, "cpu": "cpu", "cores": 4, "ram_mb": 8192.0, "os": "Linux",
                  "libraries": {"edgegemma": "0.1.0"}},
         "device": None,
@@ -229,23 +229,23 @@ def _report(hostname: str, decode: list[float], latency: list[float]) -> dict:
 
 
 def test_schema_is_versioned_and_checks_reports():
-    assert report.SCHEMA_ID == "edgegemma.bench/1"
+    assert schema.SCHEMA_ID == "edgegemma.bench/1"
     good = _report("laptop", [50.0, 52.0], [0.7, 0.71])
-    jsonschema.validate(good, report.SCHEMA)
+    jsonschema.validate(good, schema.SCHEMA)
     broken = json.loads(json.dumps(good))
     del broken["runs"][0]["results"][0]["latency_s"]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, report.SCHEMA)
+        jsonschema.validate(broken, schema.SCHEMA)
     wrong_version = dict(good, schema="edgegemma.bench/0")
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(wrong_version, report.SCHEMA)
+        jsonschema.validate(wrong_version, schema.SCHEMA)
 
 
 def test_committed_example_report_matches_the_schema():
-    examples = sorted((REPO / "benchmarks/results").glob("*.json"))
+    examples = sorted((REPO / "benchmarks/results").glob("example-*.json"))
     assert examples, "benchmarks/results/ must hold an example report"
     for path in examples:
-        jsonschema.validate(report.load_report(path), report.SCHEMA)
+        jsonschema.validate(schema.load_report(path), schema.SCHEMA)
 
 
 def test_compare_merges_reports_from_several_hosts(tmp_path, capsys):

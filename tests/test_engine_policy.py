@@ -96,7 +96,9 @@ adapter_sets = st.sampled_from([None, {"a": 1.0}, {"a": 0.5}, {"b": 1.0}, {"a": 
 @settings(max_examples=100, deadline=None)
 @given(
     calls=st.lists(
-        st.tuples(st.sampled_from(["shared prefix one", "shared prefix two", "other"]), adapter_sets),
+        st.tuples(
+            st.sampled_from(["shared prefix one", "shared prefix two", "other"]), adapter_sets
+        ),
         min_size=1,
         max_size=8,
     )

@@ -1,4 +1,4 @@
-"""The ``edgegemma`` command: generate text, manage models, convert formats."""
+"""The ``edgegemma`` command: generate text, measure perplexity, dispatch the other commands."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from .engine import OVERFLOW_POLICIES, load
+from .engine import HELDOUT_TEXT, OVERFLOW_POLICIES, load
 from .errors import EdgeGemmaError, InvalidParameterError
+from .models import default_model
 
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),
-    "convert": ("edgegemma.convert", "build ONNX / LiteRT models from the locked GGUF"),
+    "convert": ("edgegemma.convert", "build GGUF variants, ONNX and LiteRT models from a GGUF"),
     "adapters": ("edgegemma.adapters", "convert PEFT adapters for a backend; inspect, validate"),
     "train": ("edgegemma.train", "fine-tune a LoRA adapter on a JSONL of examples (CPU)"),
 }
@@ -29,11 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     parser = _parser()
     options = parser.parse_args(args)
-    if options.command != "generate":
+    commands = {"generate": _generate, "perplexity": _perplexity}
+    if options.command not in commands:
         parser.print_help()
         return 2
     try:
-        return _generate(options)
+        return commands[options.command](options)
     except EdgeGemmaError as exc:
         print(f"edgegemma: error: {exc}", file=sys.stderr)
         return 1
@@ -52,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help='prompt text ("-" reads standard input)')
     gen.add_argument(
         "--model",
-        default="gemma3-270m",
-        help="models.lock name or file path (default: %(default)s)",
+        default=None,
+        help="models.lock name or file path (default: gemma3-270m-embed-iq4_nl on llama.cpp, "
+        "gemma3-270m on the backends built from it)",
     )
     gen.add_argument(
         "--backend", help="llamacpp, onnx or mediapipe (default: chosen from the model file)"
@@ -78,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    ppl = commands.add_parser(
+        "perplexity",
+        help="a model's perplexity on a text (default: the English text edgegemma ships)",
+        description="Perplexity the way llama.cpp's perplexity tool measures it: the text is cut "
+        "into windows; the second half of each is scored given what precedes it.",
+    )
+    ppl.add_argument("file", nargs="?", help="a UTF-8 text file (default: %(default)s)",
+                     default=str(HELDOUT_TEXT))  # fmt: skip
+    ppl.add_argument("--model", default=None, help="models.lock name or file path")
+    ppl.add_argument("--backend", help="default: chosen from the model file")
+    ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
+    ppl.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:SCALE]",
+                     help="score with this LoRA adapter (repeatable)")  # fmt: skip
+    ppl.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
     return parser
 
 
@@ -118,6 +136,30 @@ def _generate(options: argparse.Namespace) -> int:
                 f"{s.peak_rss_mb:.0f} MiB, finish: {result.finish_reason} ({result.finish_detail})",
                 file=sys.stderr,
             )
+    return 0
+
+
+def _perplexity(options: argparse.Namespace) -> int:
+    try:
+        text = Path(options.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameterError(f"cannot read {options.file}: {exc}") from None
+    adapters = [_parse_adapter(spec) for spec in options.adapter]
+    n_ctx = max(2048, -(-options.window // 256) * 256) if options.window > 0 else 2048
+    with load(
+        options.model, backend=options.backend, n_ctx=n_ctx, n_threads=options.threads
+    ) as engine:
+        for name, path, _ in adapters:
+            engine.load_adapter(name, path)
+        result = engine.perplexity(
+            text, window=options.window, adapters={name: scale for name, _, scale in adapters}
+        )
+        print(
+            f"perplexity {result.perplexity:.3f} ({options.model or default_model(options.backend)}, "
+            f"{engine.backend_name}): "
+            f"{result.tokens} tokens scored in {result.windows} windows of {result.window}, "
+            f"{result.seconds:.1f} s"
+        )
     return 0
 
 

@@ -189,6 +189,22 @@ class _Expected:
     """Who pins it, for messages."""
 
 
+# -- defaults ---------------------------------------------------------------------------
+
+DEFAULT_MODEL = "gemma3-270m-embed-iq4_nl"
+"""What ``edgegemma.load()`` runs on llama.cpp: the pinned Gemma 3 270M with its embedding
+(the tied output matrix, read once per generated token) requantized to IQ4_NL by llama.cpp's
+quantizer, layers unchanged. Measured against the pinned file in docs/models.md."""
+BUILD_SOURCE = "gemma3-270m"
+"""The pinned GGUF itself: what the ONNX and LiteRT builds are made from (they dequantize
+it), and so what ``edgegemma.load(backend="onnx" | "mediapipe")`` runs."""
+
+
+def default_model(backend: str | None = None) -> str:
+    """The model ``edgegemma.load()`` opens on ``backend`` when none is named."""
+    return DEFAULT_MODEL if backend in (None, "llamacpp") else BUILD_SOURCE
+
+
 # -- locations -------------------------------------------------------------------------
 
 

@@ -59,6 +59,9 @@ from ..sampling import SamplingParams
 from ..tflitefile import LoraSpec, TfliteFacts, inspect_model
 from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
 
+_PIECE_CACHE = 4096
+"""Text pieces whose token ids are remembered: tokenizing each decoded piece again is the
+backend's main cost per token."""
 _SESSIONS_PER_ENGINE = 16
 """LiteRT-LM 0.18 keeps each session's LoRA weights (~6 MB at rank 16) until its engine is
 deleted; recreating the engine (~0.2 s) after this many LoRA sessions bounds that growth."""
@@ -88,6 +91,7 @@ class MediaPipeBackend(Backend):
         self._runtime: dict[str, float] = {}
         self._pending: deque[int] = deque()
         self._piece_cache: dict[int, bytes] = {}
+        self._piece_ids: dict[str, list[int]] = {}
         self._byte_base = self._find_byte_tokens()
         self._lora_files: dict[tuple[tuple[int, float], ...], Path] = {}
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
@@ -297,7 +301,12 @@ class MediaPipeBackend(Backend):
                 )
                 self._stop()
                 return self._eos
-            self._pending.extend(self.tokenize(text))
+            ids = self._piece_ids.get(text)
+            if ids is None:
+                ids = self._piece_ids[text] = self.tokenize(text)
+                if len(self._piece_ids) > _PIECE_CACHE:
+                    del self._piece_ids[next(iter(self._piece_ids))]
+            self._pending.extend(ids)
         return self._pending.popleft()
 
     def _prompt_pieces(self, tokens: Sequence[int]) -> list[str]:

@@ -388,6 +388,8 @@ class _Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         p = self._params
+        if p.greedy and p.repeat_penalty == 1.0:
+            return int(np.argmax(logits))  # no copy: the runtime's array is ours already
         logits = logits.astype(np.float32, copy=True)
         if p.repeat_penalty != 1.0 and self._recent:
             seen = np.unique(np.asarray(self._recent))

@@ -50,7 +50,10 @@ class Call:
 class ScriptedBackend(Backend):
     name = "scripted"
     features = Features(
-        options=frozenset(), sampling=frozenset(OPTIONAL_SAMPLING), score=True, adjustable_threads=True
+        options=frozenset(),
+        sampling=frozenset(OPTIONAL_SAMPLING),
+        score=True,
+        adjustable_threads=True,
     )
 
     def __init__(
@@ -120,11 +123,21 @@ class ScriptedBackend(Backend):
         adapter_set = {self.loaded[h].name: scale for h, scale in adapters}
         keep = min(reuse, len(self.cache), len(tokens) - 1)
         self.calls.append(
-            Call("start", {"tokens": list(tokens), "reuse": reuse, "kept": keep,
-                           "adapters": adapter_set, "sampling": sampling})  # fmt: skip
+            Call(
+                "start",
+                {
+                    "tokens": list(tokens),
+                    "reuse": reuse,
+                    "kept": keep,
+                    "adapters": adapter_set,
+                    "sampling": sampling,
+                },
+            )
         )
         if self.cache[:keep] != list(tokens[:keep]):
-            raise AssertionError("the engine promised a reusable prefix that the cache does not hold")
+            raise AssertionError(
+                "the engine promised a reusable prefix that the cache does not hold"
+            )
         self.cache = list(tokens)
         text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
         answer = list(self._reply(text, adapter_set).encode("utf-8"))

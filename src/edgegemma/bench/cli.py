@@ -20,6 +20,7 @@ from ..backends import available_backends
 from ..errors import EdgeGemmaError, InvalidParameterError
 from ..skills import SKILLS
 from . import report as reports
+from .schema import load_report
 from .targets import BenchRequest, run_local, run_ssh
 from .workloads import parse_sizes, shipped_tasks
 
@@ -92,7 +93,7 @@ def run_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[BACKEND=]MODEL",
         help="model name from models.lock or path, for every backend or for BACKEND only "
-        "(repeatable; default: gemma3-270m)",
+        "(repeatable; default: what edgegemma.load(backend=...) opens)",
     )
     what.add_argument(
         "--adapter",
@@ -268,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args_list[:1] == ["compare"]:
             args = compare_parser().parse_args(args_list[1:])
-            found = [reports.load_report(path) for path in args.reports]
+            found = [load_report(path) for path in args.reports]
             output(found, args, {"schema": "edgegemma.bench.compare/1", "reports": found})
             return 0
         args = run_parser().parse_args(args_list)

@@ -1,181 +1,17 @@
-"""Bench reports: the JSON schema, and the terminal table, Markdown and plot made from them.
+"""Bench reports as people read them: the terminal table, Markdown and a plot.
 
-A report (schema ``edgegemma.bench/1``) is one run of the harness on one machine::
-
-    {"schema", "created", "target", "host", "device", "settings",
-     "runs": [{"backend", "runner", "label", "model", ..., "load_s", "peak_rss_mb",
-               "results": [{"workload", "kind", "adapter", "prefill_tps", "decode_tps",
-                            "ttft_s", "latency_s", "accuracy", ...}],
-               "adapter_swaps": [...], "error"}],
-     "overhead", "skipped", "errors"}
-
-Every timing figure is a :class:`~edgegemma.bench.stats.Summary` dict with its samples, so a
-reader can recompute anything. ``runner`` is ``engine`` (edgegemma's Engine on a backend),
-``raw`` (the raw llama.cpp loop of :mod:`edgegemma.bench.baseline`), ``llama-bench``
-(llama.cpp's own tool, locally or on an Android device) or ``llama-completion`` (llama.cpp's
-completion tool running task workloads on an Android device). The functions below take a list of
+What a report holds is :mod:`edgegemma.bench.schema`. The functions below take a list of
 reports so that ``compare`` shows several machines side by side.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidParameterError
+from .schema import REFERENCE_RUNNERS, SCHEMA_ID
 from .stats import NOISY_CV
-
-SCHEMA_ID = "edgegemma.bench/1"
-
-_SUMMARY = {
-    "type": ["object", "null"],
-    "required": ["n", "mean", "stdev", "min", "max", "p50", "p90", "p99", "cv", "samples"],
-    "properties": {
-        "n": {"type": "integer", "minimum": 1},
-        "samples": {"type": "array", "items": {"type": "number"}},
-        **{
-            k: {"type": "number"}
-            for k in ("mean", "stdev", "min", "max", "p50", "p90", "p99", "cv")
-        },
-    },
-}
-_NUMBER_OR_NULL = {"type": ["number", "null"]}
-_RESULT = {
-    "type": "object",
-    "required": [
-        "workload", "kind", "adapter", "requests", "prefill_tps", "decode_tps", "ttft_s",
-        "latency_s", "accuracy", "notes",
-    ],
-    "properties": {
-        "workload": {"type": "string"},
-        "kind": {"enum": ["pp", "tg", "task"]},
-        "adapter": {"type": ["string", "null"]},
-        "requests": {"type": "integer", "minimum": 1},
-        "prompt_tokens": _NUMBER_OR_NULL,
-        "completion_tokens": _NUMBER_OR_NULL,
-        "prefill_tps": _SUMMARY,
-        "decode_tps": _SUMMARY,
-        "ttft_s": _SUMMARY,
-        "latency_s": _SUMMARY,
-        "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-        "notes": {"type": "array", "items": {"type": "string"}},
-    },
-}  # fmt: skip
-_SWAP = {
-    "type": "object",
-    "required": [
-        "adapter", "load_s", "swap_first_token_s", "no_swap_cold_first_token_s",
-        "no_swap_cached_first_token_s",
-    ],
-    "properties": {
-        "adapter": {"type": "string"},
-        "load_s": _SUMMARY,
-        "swap_first_token_s": _SUMMARY,
-        "no_swap_cold_first_token_s": _SUMMARY,
-        "no_swap_cached_first_token_s": _SUMMARY,
-    },
-}  # fmt: skip
-_RUN = {
-    "type": "object",
-    "required": [
-        "backend", "runner", "label", "model", "threads", "load_s", "peak_rss_mb", "results",
-        "adapter_swaps", "error",
-    ],
-    "properties": {
-        "backend": {"type": "string"},
-        "runner": {"enum": ["engine", "raw", "llama-bench", "llama-completion"]},
-        "label": {"type": "string"},
-        "model": {"type": "string"},
-        "model_size_mb": _NUMBER_OR_NULL,
-        "model_description": {"type": "string"},
-        "threads": {"type": ["integer", "null"]},
-        "load_s": _NUMBER_OR_NULL,
-        "peak_rss_mb": _NUMBER_OR_NULL,
-        "rss_source": {"type": ["string", "null"]},
-        "results": {"type": "array", "items": _RESULT},
-        "adapter_swaps": {"type": "array", "items": _SWAP},
-        "error": {"type": ["string", "null"]},
-    },
-}  # fmt: skip
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": SCHEMA_ID,
-    "title": "edgegemma bench report",
-    "type": "object",
-    "required": [
-        "schema",
-        "created",
-        "target",
-        "host",
-        "settings",
-        "runs",
-        "overhead",
-        "skipped",
-        "errors",
-    ],
-    "properties": {
-        "schema": {"const": SCHEMA_ID},
-        "created": {"type": "string"},
-        "target": {"type": "string"},
-        "host": {
-            "type": "object",
-            "required": ["hostname", "cpu", "cores", "ram_mb", "os", "libraries"],
-            "properties": {
-                "libraries": {"type": "object", "additionalProperties": {"type": "string"}}
-            },
-        },
-        "device": {"type": ["object", "null"]},
-        "settings": {"type": "object", "required": ["threads", "n_ctx", "repetitions", "warmup"]},
-        "runs": {"type": "array", "items": _RUN},
-        "overhead": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": [
-                    "backend",
-                    "model",
-                    "workload",
-                    "metric",
-                    "engine",
-                    "reference",
-                    "ratio",
-                ],
-            },
-        },
-        "skipped": {
-            "type": "array",
-            "items": {"type": "object", "required": ["backend", "reason"]},
-        },
-        "errors": {"type": "array", "items": {"type": "string"}},
-    },
-}
-"""JSON Schema of a report; ``schema`` names its version, bumped on incompatible changes.
-
-``errors`` holds failures of the harness or target that belong to no run (a remote harness
-that exited badly); a run that failed has its own ``error`` and keeps what it measured."""
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    """Read a report written by ``--json``; refuse other files and other schema versions."""
-    source = Path(path)
-    try:
-        report = json.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidParameterError(f"report not found: {source}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidParameterError(f"{source} is not a JSON bench report: {exc}") from None
-    if not isinstance(report, dict) or "schema" not in report:
-        raise InvalidParameterError(f"{source} is not an edgegemma bench report (no schema field)")
-    if report["schema"] != SCHEMA_ID:
-        raise InvalidParameterError(
-            f"{source} has schema {report['schema']!r}; this edgegemma reads {SCHEMA_ID!r}"
-        )
-    missing = [key for key in SCHEMA["required"] if key not in report]
-    if missing:
-        raise InvalidParameterError(f"{source} lacks {', '.join(missing)}")
-    return report
 
 
 def failed(report: dict[str, Any]) -> bool:
@@ -184,31 +20,39 @@ def failed(report: dict[str, Any]) -> bool:
 
 
 def engine_overhead(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Engine vs raw loop on the same backend and workload: medians and their ratio."""
-    references = {(r["backend"], r["model_path"]): r for r in runs if r["runner"] == "raw"}
+    """The engine against each reference on the same backend, model and workload: medians and
+    their ratio. References: the runtime alone (``raw``), llama-cpp-python's own API and
+    ``llama-bench``."""
+    references = [r for r in runs if r["runner"] in REFERENCE_RUNNERS and not r["error"]]
     found = []
     for run in runs:
-        reference = references.get((run["backend"], run.get("model_path")))
-        if run["runner"] != "engine" or reference is None:
+        if run["runner"] != "engine":
             continue
-        raw_rows = {row["workload"]: row for row in reference["results"]}
-        for row in run["results"]:
-            raw = raw_rows.get(row["workload"])
-            if row["adapter"] is not None or raw is None:
+        for reference in references:
+            same = (reference["backend"], reference.get("model_path"))
+            if same != (run["backend"], run.get("model_path")):
                 continue
-            metrics = ("prefill_tps", "ttft_s") if row["kind"] == "pp" else ("decode_tps", "ttft_s")
-            for metric in metrics:
-                if row[metric] and raw[metric]:
-                    engine, ref = row[metric]["p50"], raw[metric]["p50"]
-                    found.append({
-                        "backend": run["backend"],
-                        "model": run["model"],
-                        "workload": row["workload"],
-                        "metric": metric,
-                        "engine": engine,
-                        "reference": ref,
-                        "ratio": engine / ref if ref else None,
-                    })  # fmt: skip
+            ref_rows = {row["workload"]: row for row in reference["results"]}
+            for row in run["results"]:
+                ref_row = ref_rows.get(row["workload"])
+                if row["adapter"] is not None or ref_row is None:
+                    continue
+                metrics = (
+                    ("prefill_tps", "ttft_s") if row["kind"] == "pp" else ("decode_tps", "ttft_s")
+                )
+                for metric in metrics:
+                    if row[metric] and ref_row[metric]:
+                        engine, ref = row[metric]["p50"], ref_row[metric]["p50"]
+                        found.append({
+                            "backend": run["backend"],
+                            "model": run["model"],
+                            "reference_runner": reference["runner"],
+                            "workload": row["workload"],
+                            "metric": metric,
+                            "engine": engine,
+                            "reference": ref,
+                            "ratio": engine / ref if ref else None,
+                        })  # fmt: skip
     return found
 
 
@@ -277,6 +121,13 @@ def rows(reports: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     return header, body
 
 
+_REFERENCE_NAMES = {
+    "raw": "runtime alone",
+    "llama-cpp-python": "llama-cpp-python Llama API",
+    "llama-bench": "llama-bench",
+}
+
+
 def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of the smaller tables below the main one."""
     several = len(reports) > 1
@@ -316,6 +167,7 @@ def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], l
                 prefix
                 + [
                     item["backend"],
+                    _REFERENCE_NAMES.get(item.get("reference_runner", "raw"), "?"),
                     item["model"],
                     item["workload"],
                     metric,
@@ -332,8 +184,9 @@ def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], l
     return [
         ("Adapter swap (ms, p50): first token after a swap vs the same adapter without one",
          head + ["backend", "adapter", "load", "swap+1st token", "no swap, cold KV", "no swap, cached KV"], swaps),
-        ("Engine overhead: edgegemma Engine vs the raw llama.cpp loop (medians; ratio = engine / raw)",
-         head + ["backend", "model", "workload", "metric", "engine vs raw", "ratio", "difference"],
+        ("Engine vs the runtime alone and the peers (medians; ratio = engine / reference)",
+         head + ["backend", "reference", "model", "workload", "metric", "engine vs reference",
+                 "ratio", "difference"],
          overhead),
         ("Notes", head + ["what", "note"], [list(p) for p in dict.fromkeys(map(tuple, problems))]),
     ]  # fmt: skip

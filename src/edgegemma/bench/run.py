@@ -25,17 +25,20 @@ from typing import Any, Literal, Protocol
 from .stats import summarize
 from .workloads import Synthetic, Task, is_correct, load_task, synthetic_ids
 
-Runner = Literal["engine", "raw"]
+Runner = Literal["engine", "raw", "llama-cpp-python"]
+_RUNTIMES = {"llamacpp": "llama_cpp", "onnx": "onnxruntime_genai", "mediapipe": "litert_lm"}
 
 
 @dataclass(frozen=True)
 class Plan:
     runner: Runner
-    """``engine``: edgegemma's Engine on ``backend``; ``raw``: the raw llama.cpp loop."""
+    """``engine``: edgegemma's Engine on ``backend``; ``raw``: the backend's runtime driven
+    alone; ``llama-cpp-python``: llama-cpp-python's own high-level API (:mod:`.baseline`)."""
     backend: str
     model: str
     n_ctx: int
     threads: int
+    """The thread count; the engine uses it only when ``fixed_threads``."""
     repetitions: int
     warmup: int
     seed: int
@@ -44,6 +47,8 @@ class Plan:
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None
     adapters: dict[str, str] = field(default_factory=dict)
+    fixed_threads: bool = True
+    """False: the engine follows the free cores (its default) instead of ``threads``."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -54,7 +59,11 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return f"{self.backend} (raw loop)" if self.runner == "raw" else self.backend
+        if self.runner == "raw":
+            return f"{self.backend} (runtime alone)"
+        if self.runner == "llama-cpp-python":
+            return "llama-cpp-python Llama API"
+        return self.backend
 
 
 class _Stats(Protocol):
@@ -279,7 +288,10 @@ def _run_engine(plan: Plan, result: dict[str, Any]) -> None:
     get_backend(plan.backend)  # import the runtime first: load_s is the model's load alone
     started = time.perf_counter()
     engine = edgegemma.load(
-        plan.model, backend=plan.backend, n_ctx=plan.n_ctx, n_threads=plan.threads
+        plan.model,
+        backend=plan.backend,
+        n_ctx=plan.n_ctx,
+        n_threads=plan.threads if plan.fixed_threads else None,
     )
     result["load_s"] = time.perf_counter() - started
     result["model_description"] = engine.info.description
@@ -325,13 +337,16 @@ def _run_engine(plan: Plan, result: dict[str, Any]) -> None:
             )
 
 
-def _run_raw(plan: Plan, result: dict[str, Any]) -> None:
-    import llama_cpp  # noqa: F401 -- imported first: load_s is the model's load alone
+def _run_reference(plan: Plan, result: dict[str, Any]) -> None:
+    import importlib
 
-    from .baseline import RawLoop
+    from .baseline import open_loop
 
+    importlib.import_module(_RUNTIMES[plan.backend])  # first: load_s is the model's load alone
     started = time.perf_counter()
-    loop = RawLoop(Path(plan.model), n_ctx=plan.n_ctx, n_threads=plan.threads)
+    loop = open_loop(
+        plan.runner, plan.backend, Path(plan.model), n_ctx=plan.n_ctx, n_threads=plan.threads
+    )
     result["load_s"] = time.perf_counter() - started
     progress(plan.label, f"loaded {Path(plan.model).name} in {result['load_s']:.2f} s")
     with loop:
@@ -339,7 +354,7 @@ def _run_raw(plan: Plan, result: dict[str, Any]) -> None:
             result["results"].append(
                 measure_synthetic(
                     loop.generate,
-                    lambda: None,  # the raw loop clears its cache on every call
+                    lambda: None,  # the reference loops clear their cache on every call
                     Synthetic(kind, tokens),  # type: ignore[arg-type]
                     plan,
                     vocab_size=loop.vocab_size,
@@ -373,8 +388,8 @@ def run(plan: Plan) -> dict[str, Any]:
     """Measure everything the plan asks for; never raises (the error goes in the result)."""
     result = empty_result(plan)
     try:
-        if plan.runner == "raw":
-            _run_raw(plan, result)
+        if plan.runner != "engine":
+            _run_reference(plan, result)
         else:
             _run_engine(plan, result)
     except Exception as exc:  # noqa: BLE001 -- reported in the result, with what was measured

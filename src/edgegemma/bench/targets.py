@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,12 +30,10 @@ from ..errors import BackendUnavailableError, EdgeGemmaError, InvalidParameterEr
 from ..threads import default_threads
 from . import llamabench
 from .hostinfo import host_info
-from .report import SCHEMA_ID, engine_overhead, failed
+from .report import engine_overhead, failed
 from .run import Plan, empty_result
+from .schema import SCHEMA_ID
 from .workloads import Synthetic, load_task
-
-DEFAULT_MODEL = "gemma3-270m"
-"""The model every backend runs unless ``--model`` says otherwise (see :func:`models_for`)."""
 
 
 class TargetError(EdgeGemmaError):
@@ -164,8 +163,8 @@ def models_for(
     """The models ``backend`` measures, and whether they are the implicit default.
 
     ``BACKEND=MODEL`` specs name one backend's models; the other specs go to every backend
-    without its own. Without specs every backend gets :data:`DEFAULT_MODEL`, and opens it as
-    ``edgegemma.load(DEFAULT_MODEL, backend=...)`` would (a backend may convert it first).
+    without its own. Without specs every backend gets its default model and opens it as
+    ``edgegemma.load(backend=...)`` would (:func:`edgegemma.models.default_model`).
     """
     from .. import models
 
@@ -173,7 +172,7 @@ def models_for(
     wanted = per_backend.get(backend) or general
     if wanted:
         return [models.resolve(spec) for spec in wanted], False
-    return [models.resolve(DEFAULT_MODEL)], True
+    return [models.resolve(models.default_model(backend))], True
 
 
 # -- local -----------------------------------------------------------------------------
@@ -233,6 +232,7 @@ def run_local(request: BenchRequest) -> dict[str, Any]:
                 model=str(path),
                 n_ctx=request.n_ctx,
                 threads=threads,
+                fixed_threads=request.threads is not None,
                 repetitions=request.repetitions,
                 warmup=request.warmup,
                 seed=request.seed,
@@ -246,23 +246,25 @@ def run_local(request: BenchRequest) -> dict[str, Any]:
             result = run_plan(plan)
             if implicit and result["error"] and result["load_s"] is None:
                 # Not asked for by name: a backend that cannot open the default model is skipped.
-                reason = (
-                    f"cannot open {DEFAULT_MODEL} ({result['error']}); pass --model {backend}=PATH"
-                )
+                reason = f"cannot open {path.name} ({result['error']}); pass --model {backend}=PATH"
                 report["skipped"].append({"backend": backend, "reason": reason})
                 say(f"skipping {backend}: {reason}")
                 continue
             report["runs"].append(result)
-            if backend == "llamacpp" and request.baseline and request.synthetic:
-                say(f"{backend} (raw loop): {path.name}, {threads} threads")
-                report["runs"].append(
-                    run_plan(Plan(**{**asdict(plan), "runner": "raw", "tasks": (), "adapters": {}}))
-                )
-            if backend == "llamacpp" and request.llama_bench and request.synthetic:
+            if request.baseline and request.synthetic:
+                references = ["raw", "llama-cpp-python"] if backend == "llamacpp" else ["raw"]
+                for runner in references:
+                    reference = Plan(
+                        **{**asdict(plan), "runner": runner, "tasks": (), "adapters": {}}
+                    )
+                    say(f"{reference.label}: {path.name}, {threads} threads")
+                    report["runs"].append(run_plan(reference))
+            llama_bench = request.llama_bench or shutil.which("llama-bench")
+            if backend == "llamacpp" and llama_bench and request.synthetic:
                 say(f"llama-bench: {path.name}, {threads} threads")
                 report["runs"].append(
                     llamabench.run_local(
-                        request.llama_bench,
+                        llama_bench,
                         path,
                         request.synthetic,
                         repetitions=request.repetitions,

@@ -1,0 +1,169 @@
+"""Fast variants of the pinned GGUF, built by llama.cpp's quantizer, and perplexity to judge them."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+import edgegemma
+from edgegemma import cli, models
+from edgegemma.backends.scripted import ScriptedBackend
+from edgegemma.builds import read_manifest
+from edgegemma.errors import (
+    BackendUnavailableError,
+    ConversionError,
+    IntegrityError,
+    InvalidParameterError,
+    ModelError,
+)
+from edgegemma.gguffile import read_header
+from edgegemma.quantize import FILE
+
+DEFAULT = models.DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def default_path() -> Path:
+    return models.fetch(DEFAULT)
+
+
+def test_the_default_variant_is_built_from_the_pin_and_matches_the_lock(default_path, gguf_path):
+    entry = models.read_lock()[DEFAULT]
+    assert (entry.source, entry.base, entry.quant, entry.embedding) == (
+        "quantize",
+        "gemma3-270m",
+        "q4_k_m",
+        "iq4_nl",
+    )
+    manifest = read_manifest(default_path.parent)
+    assert manifest["files"][FILE]["sha256"] == entry.sha256
+    assert manifest["key"]["source_sha256"] == models.read_lock()["gemma3-270m"].sha256
+    header, base = read_header(default_path), read_header(gguf_path)
+    assert header.tensors["token_embd.weight"].type.name == "IQ4_NL"
+    # Only the embedding changed: every layer keeps its type.
+    for name, info in base.tensors.items():
+        if name != "token_embd.weight":
+            assert header.tensors[name].type == info.type, name
+    assert models.fetch(DEFAULT) == default_path  # a cache hit
+    assert [r.status for r in models.verify(DEFAULT)] == ["ok"]
+
+
+def test_load_runs_the_default_variant_on_llamacpp_and_the_pin_elsewhere(default_path, gguf_path):
+    assert models.default_model() == models.default_model("llamacpp") == DEFAULT
+    assert models.default_model("onnx") == models.default_model("mediapipe") == "gemma3-270m"
+    with edgegemma.load(n_ctx=512, n_threads=2) as engine:
+        assert engine.model_path == default_path
+        assert engine.generate("The capital of France is", max_tokens=4).text.strip()
+
+
+def test_a_variant_that_does_not_hash_as_pinned_is_refused(tmp_path, monkeypatch, default_path):
+    lock = tmp_path / "models.lock"
+    text = (
+        models.lock_path()
+        .read_text()
+        .replace(str(models.read_lock()["gemma3-270m-embed-q4_0"].sha256), "0" * 64)
+    )
+    lock.write_text(text)
+    monkeypatch.setenv("EDGEGEMMA_LOCK", str(lock))
+    with pytest.raises(IntegrityError, match="quantizer made a file with sha256") as caught:
+        models.fetch("gemma3-270m-embed-q4_0")
+    assert caught.value.expected == "0" * 64
+    assert (
+        models._variant_build(  # the refused build is not left in the cache
+            models.read_lock()["gemma3-270m-embed-q4_0"], models.read_lock()["gemma3-270m"]
+        )
+        is None
+    )
+
+
+def test_lock_entries_of_variants_are_checked(tmp_path, monkeypatch):
+    lock = tmp_path / "models.lock"
+    base = models.lock_path().read_text()
+    cases = {
+        'base = "gemma3-270m"\nquant = "q4_0"': (
+            'base = "nothing"\nquant = "q4_0"',
+            "must be a GGUF entry",
+        ),
+        'quant = "q4_0"\nembedding = "q4_0"': (
+            'quant = "q9"\nembedding = "q4_0"',
+            "quant must be one of",
+        ),
+    }
+    for original, (broken, message) in cases.items():
+        assert original in base
+        lock.write_text(base.replace(original, broken, 1))
+        monkeypatch.setenv("EDGEGEMMA_LOCK", str(lock))
+        with pytest.raises(ModelError, match=message):
+            models.read_lock()
+
+
+def test_convert_to_gguf_builds_the_same_file_as_the_lock_entry(default_path, gguf_path, capsys):
+    argv = [str(gguf_path), "--to", "gguf", "--quant", "q4_k_m", "--embedding", "iq4_nl"]
+    assert cli.main(["convert", *argv]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert Path(printed[0]) == default_path
+    assert any(line.startswith("[builds.gguf-") for line in printed)
+    with pytest.raises(ConversionError, match="embedding must be one of"):
+        from edgegemma.recipes import gguf_options
+
+        gguf_options("q4_0", "q3_k")
+    assert cli.main(["convert", str(gguf_path), "--to", "gguf"]) == 1  # --quant is needed
+
+
+def test_perplexity_of_the_shipped_text(default_path, gguf_path):
+    text = edgegemma.engine.HELDOUT_TEXT.read_text()
+    with edgegemma.load(gguf_path, n_ctx=1024, n_threads=2) as engine:
+        result = engine.perplexity(text, window=256)
+        assert result.windows == len(engine.tokenize(text, add_bos=False)) // 255
+        assert result.tokens == result.windows * 128 and result.window == 256
+        assert 5 < result.perplexity < 80 and math.isclose(
+            math.log(result.perplexity), result.mean_nll
+        )
+        # Same text, same model, same numbers: scoring is deterministic.
+        first, again = (engine.perplexity(text[:3000], window=256) for _ in range(2))
+        assert first.perplexity == again.perplexity and first.tokens == again.tokens
+        with pytest.raises(InvalidParameterError, match="window must be"):
+            engine.perplexity(text, window=4096)
+        with pytest.raises(InvalidParameterError, match="perplexity needs at least"):
+            engine.perplexity("a", window=256)
+        # The engine still answers afterwards.
+        assert engine.generate("The capital of France is", max_tokens=3).text
+
+
+def test_perplexity_is_refused_where_a_backend_cannot_score():
+    backend = ScriptedBackend()
+    backend.features = type(backend.features)(score=False)
+    engine = edgegemma.Engine(backend, model_path=Path("scripted"))
+    with pytest.raises(BackendUnavailableError, match="cannot score"):
+        engine.perplexity("some text to score here")
+
+
+def test_perplexity_command(gguf_path, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(edgegemma.engine.HELDOUT_TEXT.read_text()[:2500])
+    assert cli.main(["perplexity", str(text), "--model", str(gguf_path), "--window", "256"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("perplexity ") and "windows of 256" in out
+    assert cli.main(["perplexity", str(tmp_path / "missing.txt"), "--model", str(gguf_path)]) == 1
+
+
+def test_repack_can_be_turned_off(default_path):
+    with edgegemma.load(default_path, n_ctx=512, n_threads=2, repack=False) as engine:
+        plain = engine.generate("The capital of France is", max_tokens=6).token_ids
+    with edgegemma.load(default_path, n_ctx=512, n_threads=2) as engine:
+        repacked = engine.generate("The capital of France is", max_tokens=6).token_ids
+    assert plain and repacked  # (the kernels differ, so the tokens may too)
+    with pytest.raises(InvalidParameterError, match="repack must be True or False"):
+        edgegemma.load(default_path, repack="yes")
+
+
+def test_a_build_cache_without_room_is_a_model_error(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    shutil.copytree(models.home() / "models" / "gemma3-270m", home / "models" / "gemma3-270m")
+    monkeypatch.setenv("EDGEGEMMA_HOME", str(home))
+    (home / "builds").write_text("not a folder")
+    with pytest.raises((ModelError, ConversionError)):
+        models.fetch("gemma3-270m-q4_0")
