@@ -26,8 +26,8 @@ TARGET_OVERHEAD = 0.03
 
 def worker(kind: str, backend: str, model: str, n_ctx: int, threads: int) -> int:
     """Serve requests on stdin ('pp N ROUND' / 'tg N ROUND' / 'quit'), one JSON line each."""
-    from edgegemma.bench.run import peak_rss
     from edgegemma.bench.workloads import Synthetic, synthetic_ids
+    from edgegemma.memory import peak_rss
 
     started = time.perf_counter()
     if kind == "engine":

@@ -6,8 +6,11 @@
 Three random LoRA adapters (a, b, c) are written in the backend's format and loaded. Each swap
 changes the adapter set, in turn through ``set_adapters`` and through a per-call
 ``adapters=``, cycling through none, a, b, c and a 50/50 mix of two, then generates a few tokens
-of a prompt that changes every time. Every ``--reload-every`` swaps one adapter is unloaded and
-loaded again, since freeing is where leaks hide.
+of a prompt that changes every time; every fifth swap instead uses adapter a at a scale not
+used before (0.10, 0.11, ... cycling through 97 values), which the ONNX and LiteRT-LM backends
+serve with a merged adapter file each. Every ``--reload-every`` swaps one adapter is unloaded
+and loaded again, since freeing is where leaks hide. The scratch files edgegemma keeps in the
+temp folder are measured too.
 
 It reports the process's resident memory (VmRSS) when the warm-up swaps are done and at the
 end, and the growth between them (target: under 5 MiB), and the drift: fixed probe requests,
@@ -137,7 +140,9 @@ def soak(
     reloads = 0
     started = time.perf_counter()
     for i in range(swaps):
-        state = STATES[i % len(STATES)]
+        state = (
+            STATES[i % len(STATES)] if i % 5 != 4 else {"a": round(0.1 + (i // 5 % 97) / 100, 2)}
+        )
         prompt = f"Sensor {i % 97}: temperature {20 + i % 61} C, humidity {i % 89} %. Status:"
         if i % 2:
             engine.set_adapters(state)
@@ -159,6 +164,15 @@ def soak(
             )
     elapsed = time.perf_counter() - started
     rss_end, peak_end = vm_rss_mb(), peak_rss_mb()
+    scratch_mb = (
+        sum(
+            f.stat().st_size
+            for folder in Path(tempfile.gettempdir()).glob("edgegemma-*")
+            for f in folder.rglob("*")
+            if f.is_file()
+        )
+        / 2**20
+    )
     after = probes()
     drifted = [_state_name(s) for s, b, a in zip(STATES, before, after) if a != b]
     assert rss_warm is not None and peak_warm is not None
@@ -174,6 +188,7 @@ def soak(
         "rss_growth_mb": round(rss_end - rss_warm, 1),
         "peak_rss_after_warmup_mb": round(peak_warm, 1),
         "peak_rss_end_mb": round(peak_end, 1),
+        "scratch_files_mb": round(scratch_mb, 1),
         "probes": len(STATES),
         "drifted": drifted,
         "probe_tokens": {_state_name(s): t for s, t in zip(STATES, before)},
@@ -200,6 +215,7 @@ def _table(report: Mapping[str, object]) -> str:
             "peak RSS after warm-up / at the end",
             f"{report['peak_rss_after_warmup_mb']} / {report['peak_rss_end_mb']} MiB",
         ),
+        ("scratch files in the temp folder at the end", f"{report['scratch_files_mb']} MB"),
         (
             "drift (probes whose tokens changed)",
             f"{len(report['drifted'])} of {report['probes']}"

@@ -175,5 +175,5 @@ def test_models_are_chosen_per_backend(gguf_path, tmp_path):
     specs = [f"llamacpp={gguf_path}", str(other)]
     assert models_for("llamacpp", specs, known) == ([gguf_path], False)
     assert models_for("onnx", specs, known) == ([other], False)
-    with pytest.raises(ModelError, match="neither an existing file"):
+    with pytest.raises(ModelError, match="neither a model name"):
         models_for("onnx", ["no-such-model"], known)

@@ -25,11 +25,18 @@ from conftest import PROMPT
 from loras import random_lora
 
 import edgegemma
-from edgegemma import AdapterError, ContextOverflowError, InvalidParameterError, ModelError
+from edgegemma import (
+    AdapterError,
+    ContextOverflowError,
+    InvalidParameterError,
+    ModelError,
+    NumericalError,
+)
 from edgegemma.adapters.gguf import write_lora_gguf
 from edgegemma.adapters.litert import gguf_lora_spec, read_lora, write_lora, zero_lora
 from edgegemma.adapters.peft import read_peft, write_peft
 from edgegemma.gguffile import read_header, tensor_array
+from edgegemma.sampling import SEED_MAX
 from edgegemma.tflitefile import inspect_model
 
 Tensors = dict[str, np.ndarray]
@@ -331,6 +338,26 @@ HOSTILE_CALLS = [
     ("unknown adapter", {"adapters": {"nope": 1.0}}, AdapterError),
     ("unknown overflow policy", {"on_overflow": "sideways"}, InvalidParameterError),
     ("timeout negative", {"timeout": -1}, InvalidParameterError),
+    # Types at the boundary: a specific error, never a raw TypeError.
+    ("prompt None", {"prompt": None}, InvalidParameterError),
+    ("prompt an int", {"prompt": 818}, InvalidParameterError),
+    ("prompt a float", {"prompt": 3.5}, InvalidParameterError),
+    ("prompt a dict", {"prompt": {"text": "hi"}}, InvalidParameterError),
+    ("ids with a float", {"prompt": [2, 1.5]}, InvalidParameterError),
+    ("ids with a string", {"prompt": [2, "a"]}, InvalidParameterError),
+    ("ids with a bool", {"prompt": [2, True]}, InvalidParameterError),
+    ("ids as a 2-D array", {"prompt": np.array([[2, 818]])}, InvalidParameterError),
+    ("ids as a float array", {"prompt": np.array([2.0, 818.0])}, InvalidParameterError),
+    ("empty id list", {"prompt": []}, InvalidParameterError),
+    ("stop not a list", {"stop": 5}, InvalidParameterError),
+    ("adapters not a mapping", {"adapters": ["a"]}, InvalidParameterError),
+    # Numbers checked in the types the runtimes take (C floats and ints).
+    ("seed 2**32-1 (llama.cpp's random-seed sentinel)", {"seed": 2**32 - 1}, InvalidParameterError),
+    ("seed 2**31", {"seed": 2**31}, InvalidParameterError),
+    ("temperature beyond float32", {"temperature": 1e39}, InvalidParameterError),
+    ("repeat_penalty beyond float32", {"repeat_penalty": 1e39}, InvalidParameterError),
+    ("top_k beyond int32", {"top_k": 2**40}, InvalidParameterError),
+    ("keep not a prefix", {"keep": "Something else"}, InvalidParameterError),
 ]
 
 
@@ -499,3 +526,51 @@ def test_a_good_adapter_loads_and_changes_the_answer(engines, good_adapters, bac
     finally:
         engine.unload_adapter("good")
     _check_still_answers(engine, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_ids_are_token_ids(engines, backend):
+    engine, reference = engines(backend)
+    ids = engine.tokenize(PROMPT)
+    as_array = engine.generate(np.array(ids, dtype=np.int64), max_tokens=8)
+    as_numpy_ints = engine.generate([np.int32(t) for t in ids], max_tokens=8)
+    assert as_array.token_ids == as_numpy_ints.token_ids == reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_accepted_seed_reproduces(engines, backend):
+    engine, reference = engines(backend)
+    for seed in (0, 12345, SEED_MAX):
+        runs = [
+            engine.generate(PROMPT, max_tokens=8, temperature=1.0, seed=seed).token_ids
+            for _ in range(3)
+        ]
+        assert runs[0] == runs[1] == runs[2], seed
+    _check_still_answers(engine, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_adapter_scale_that_makes_logits_non_finite_is_an_error(engines, good_adapters, backend):
+    engine, reference = engines(backend)
+    engine.load_adapter("loud", good_adapters(backend))
+    try:
+        with pytest.raises(InvalidParameterError, match="32-bit float"):
+            engine.generate(PROMPT, max_tokens=4, adapters={"loud": 1e39})
+        with pytest.raises(NumericalError, match="non-finite|padding token"):
+            engine.generate(PROMPT, max_tokens=4, adapters={"loud": 1e30})
+    finally:
+        engine.unload_adapter("loud")
+    _check_still_answers(engine, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_checks_threads_and_context(gguf_path, backend):
+    model = backend_model(backend, gguf_path)
+    with pytest.raises(InvalidParameterError, match="cores this process may use"):
+        edgegemma.load(model, backend=backend, n_threads=1000)
+    with pytest.raises(InvalidParameterError, match="cores this process may use"):
+        edgegemma.load(model, backend=backend, n_threads=2**31)
+    with pytest.raises(InvalidParameterError, match="n_ctx must be"):
+        edgegemma.load(model, backend=backend, n_ctx=2**40)
+    with edgegemma.load(model, backend=backend, n_ctx=500, n_threads=1) as engine:
+        assert engine.n_ctx == 512  # rounded up to a multiple of 256 on every backend

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -236,7 +237,9 @@ def test_resolve_paths_names_and_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as caught:
         models.resolve("gemma-9000")
     message = str(caught.value)
-    assert "neither an existing file or directory nor a model name" in message
+    assert (
+        "is neither a model name in" in message and "nor an existing file or directory" in message
+    )
     assert "gemma3-270m" in message  # the known names
     with pytest.raises(ModelError, match="model file not found"):
         models.resolve(tmp_path / "missing.gguf")
@@ -436,23 +439,30 @@ def test_dropped_connection_caches_nothing(hub: FakeHub, use_lock, cache: Path) 
 def test_concurrent_fetches_download_once(hub: FakeHub, use_lock, cache: Path) -> None:
     hub.publish(REPO, FILENAME, CONTENT)
     use_lock({"tiny": hf_entry(sha256=sha256(CONTENT), size=len(CONTENT))})
-    lock_file = cache / "models" / "tiny" / ".lock"
     hub.hold_bodies.clear()
     processes = [start_fetch("tiny") for _ in range(2)]
+    errors: list[list[str]] = [[] for _ in processes]
+    readers = [
+        threading.Thread(target=lambda p=p, e=e: e.extend(p.stderr), daemon=True)
+        for p, e in zip(processes, errors)
+    ]
+    for reader in readers:
+        reader.start()
     try:
         wait_for(lambda: len(downloads(hub)) == 1, "the first download")
-        # Hold the first download until the other process is blocked on the model's flock.
-        inode = lock_file.stat().st_ino
-        waiter = re.compile(rf"->.*:{inode} ")
+
+        # Hold the first download until the other process says it waits for the model's lock.
         wait_for(
-            lambda: any(
-                waiter.search(line) for line in Path("/proc/locks").read_text().splitlines()
-            ),
+            lambda: any("waiting" in "".join(lines) for lines in errors),
             "the second process to wait for the lock",
         )
     finally:
         hub.hold_bodies.set()
-        results = [process.communicate(timeout=60) for process in processes]
+        outs = [process.stdout.read() for process in processes]  # type: ignore[union-attr]
+        for process, reader in zip(processes, readers):
+            process.wait(timeout=60)
+            reader.join(timeout=10)
+        results = [(out, "".join(lines)) for out, lines in zip(outs, errors)]
 
     path = cache / "models" / "tiny" / FILENAME
     assert [process.returncode for process in processes] == [0, 0], results

@@ -539,13 +539,13 @@ def test_overflow_error_and_truncate_left_match_llama_cpp(onnx_int4: Path, gguf_
 
 
 def test_shift_continues_past_the_window_as_if_the_kept_tokens_were_the_prompt(onnx_int4: Path):
-    n_ctx, keep = 128, 3
+    n_ctx, keep = 256, 3
     with edgegemma.load(
         onnx_int4, backend="onnx", n_ctx=n_ctx, n_threads=2, on_overflow="shift"
     ) as small:
         assert small.info.can_shift
-        result = small.generate(PROMPT, max_tokens=200, keep=keep)
-        assert result.stats.completion_tokens == 200
+        result = small.generate(PROMPT, max_tokens=300, keep=keep)
+        assert result.stats.completion_tokens == 300
         assert result.stats.truncated_tokens > 0
         # The first shift comes when the pending token would be the (n_ctx + 1)-th: half of
         # the unprotected tokens go, and the next token is predicted from what is left,
@@ -556,5 +556,5 @@ def test_shift_continues_past_the_window_as_if_the_kept_tokens_were_the_prompt(o
         small.reset()
         assert small.generate(kept, max_tokens=1).token_ids == [tokens[n_ctx + 1]]
         with pytest.raises(ContextOverflowError, match="prompt alone"):
-            small.generate(_long_prompt(small, 200), max_tokens=8)
+            small.generate(_long_prompt(small, 300), max_tokens=8)
         assert small.generate(PROMPT, max_tokens=4).text.startswith(" the")

@@ -19,6 +19,7 @@ from .errors import (
     IntegrityError,
     InvalidParameterError,
     ModelError,
+    NumericalError,
 )
 from .sampling import SamplingParams
 
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidParameterError",
     "ModelError",
     "ModelInfo",
+    "NumericalError",
     "Perplexity",
     "Result",
     "SamplingParams",

@@ -26,7 +26,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .errors import ConversionError, EdgeGemmaError
-from .locations import home
+from .locations import check_regular_file, home, read_text
 
 MANIFEST = "edgegemma-build.json"
 """Name of the manifest file inside every finished build folder."""
@@ -44,6 +44,7 @@ def builds_root() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    check_regular_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -128,7 +129,7 @@ def cached_build(
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of a finished build folder; :class:`ConversionError` if it has none."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads(read_text(path / MANIFEST))
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{path} is not a finished edgegemma build: {exc}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):

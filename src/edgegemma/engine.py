@@ -33,10 +33,11 @@ from .errors import (
     EngineBusyError,
     EngineClosedError,
     InvalidParameterError,
+    NumericalError,
 )
 from .memory import peak_rss_mb
-from .sampling import OPTIONAL_SAMPLING, SamplingParams
-from .threads import ThreadPolicy, default_threads
+from .sampling import OPTIONAL_SAMPLING, SamplingParams, check_float32
+from .threads import ThreadPolicy, default_threads, usable_cores
 
 log = logging.getLogger("edgegemma")
 
@@ -45,6 +46,8 @@ OVERFLOW_POLICIES: tuple[str, ...] = ("error", "truncate_left", "shift")
 PrefixCachePolicy = Literal["exact", "always"]
 PREFIX_CACHE_POLICIES: tuple[str, ...] = ("exact", "always")
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+N_CTX_STEP = 256
+"""``n_ctx`` is rounded up to a multiple of this (llama.cpp pads its context so anyway)."""
 HELDOUT_TEXT = Path(__file__).with_name("data") / "heldout-en.txt"
 """An English text written for edgegemma (so no model has seen it) that the perplexity of a
 model is measured on by default: 3084 tokens for Gemma 3, three windows of 1024."""
@@ -119,11 +122,15 @@ class Perplexity:
     seconds: float
 
 
-@dataclass
+@dataclass(eq=False)
 class _LoadedAdapter:
     uid: int
+    name: str
     path: Path
     handle: AdapterHandle
+    users: int = 0
+    """Calls made with it that have not ended: it is freed only when none is left."""
+    unloaded: bool = False
 
 
 @dataclass
@@ -134,9 +141,13 @@ class _Request:
     sampling: SamplingParams
     stop: tuple[str, ...]
     adapters: dict[str, float]
+    """The adapter set by name, as the call was made (for :attr:`Result.adapters`)."""
+    bound: list[tuple[_LoadedAdapter, float]]
+    """The loaded adapters those names meant when the call was made: what the call runs."""
     on_overflow: str
     timeout: float | None
     started: float = field(default_factory=time.perf_counter)
+    released: bool = False
 
 
 class Stream(Iterator[str]):
@@ -152,21 +163,31 @@ class Stream(Iterator[str]):
         # The generator writes the Result here; holding no reference back to the Stream lets
         # an abandoned stream be freed (and its lock released) as soon as the loop drops it.
         self._outcome: list[Result] = []
+        self._request = request
         self._pieces: Generator[str, None, None] = engine._generate(request, self._outcome)
         self._holding_lock = False
+        self.thread: int | None = None
+        """The thread iterating the stream now, or the last one that did: the stream, not the
+        thread that made it, owns the engine while it runs."""
+        self.running = False
+        """Whether a thread is inside ``next()`` (else the stream is paused between pieces)."""
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
+        self.thread = threading.get_ident()
         if not self._holding_lock and not self._outcome:
             self._engine._acquire(self)
             self._holding_lock = True
+        self.running = True
         try:
             return next(self._pieces)
         except BaseException:
             self._release()
             raise
+        finally:
+            self.running = False
 
     @property
     def result(self) -> Result:
@@ -182,9 +203,11 @@ class Stream(Iterator[str]):
             self._release()
 
     def _release(self) -> None:
+        self._engine._unbind(self._request)  # a stream never started still held its adapters
         if self._holding_lock:
             self._holding_lock = False
             self._engine._release()
+        self._engine._free_doomed_if_idle()
 
     def __enter__(self) -> Self:
         return self
@@ -195,6 +218,9 @@ class Stream(Iterator[str]):
     def __del__(self) -> None:
         if self._holding_lock:
             self.close()
+        else:
+            self._engine._unbind(self._request)
+            self._engine._free_doomed_if_idle()
 
 
 class Engine:
@@ -234,8 +260,13 @@ class Engine:
         self._cached_tokens: list[int] = []
         self._cached_key: tuple[tuple[int, float], ...] = ()
         self._lock = threading.Lock()
-        self._owner: int | None = None
-        self._open_stream: weakref.ReferenceType[Stream] | None = None
+        """Held by every generation and every change of the backend: one at a time."""
+        self._state = threading.Lock()
+        """Guards the adapter registry, the holder and a pending close (short sections only)."""
+        self._holder: weakref.ReferenceType[Stream] | None = None
+        self._doomed: list[_LoadedAdapter] = []
+        """Unloaded adapters whose last call has ended: freed by the next holder of the lock."""
+        self._close_pending = False
         self._closed = False
 
     # -- model facts ---------------------------------------------------------------------
@@ -282,30 +313,45 @@ class Engine:
         """Load a LoRA adapter file under ``name``; the base model is not reloaded."""
         if not isinstance(name, str) or not name:
             raise InvalidParameterError(f"adapter name must be a non-empty string, got {name!r}")
+        if not isinstance(path, (str, os.PathLike)) or path == "":
+            raise InvalidParameterError(f"adapter path must be a file path, got {path!r}")
         adapter_path = Path(path)
         with self._exclusive():
+            self._free_doomed()
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
             if not adapter_path.is_file():
                 raise AdapterError(f"adapter file not found: {adapter_path}")
             handle = self._backend.load_adapter(adapter_path)
-            self._adapters[name] = _LoadedAdapter(next(self._adapter_ids), adapter_path, handle)
+            with self._state:
+                self._adapters[name] = _LoadedAdapter(
+                    next(self._adapter_ids), name, adapter_path, handle
+                )
         log.debug("loaded adapter %s from %s", name, adapter_path)
 
     def unload_adapter(self, name: str) -> None:
-        """Free an adapter. It must not be in the engine's active set."""
+        """Remove an adapter. It must not be in the engine's active set.
+
+        The name is free at once: later calls cannot use it, and another adapter may be loaded
+        under it. Calls already made with the adapter (a stream not yet finished, a call
+        waiting for the engine) still run with it; its memory is freed when the last of them
+        ends.
+        """
         with self._exclusive():
-            if name not in self._adapters:
-                raise AdapterError(f"no adapter named {name!r} is loaded")
-            if name in self._active:
-                raise AdapterError(
-                    f"adapter {name!r} is in the active set {self._active}; "
-                    "call set_adapters() without it first"
-                )
-            loaded = self._adapters.pop(name)
-            if any(uid == loaded.uid for uid, _ in self._cached_key):
-                self._forget_cache()
-            self._backend.free_adapter(loaded.handle)
+            with self._state:
+                loaded = self._adapters.get(name)
+                if loaded is None:
+                    raise AdapterError(f"no adapter named {name!r} is loaded")
+                if name in self._active:
+                    raise AdapterError(
+                        f"adapter {name!r} is in the active set {self._active}; "
+                        "call set_adapters() without it first"
+                    )
+                del self._adapters[name]
+                loaded.unloaded = True
+                if loaded.users == 0:
+                    self._doomed.append(loaded)
+            self._free_doomed()
 
     def set_adapters(self, adapters: Mapping[str, float] | None) -> None:
         """Make ``{name: scale}`` the engine's adapter set; ``None`` or ``{}`` is the bare base."""
@@ -417,14 +463,7 @@ class Engine:
                 f"timeout must be a positive number of seconds, got {timeout!r}"
             )
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
-        if isinstance(prompt, str):
-            prompt_ids = self.tokenize(prompt)
-        elif isinstance(prompt, (bytes, bytearray, memoryview)):
-            raise InvalidParameterError("the prompt is bytes; decode it to str (or pass token ids)")
-        else:
-            prompt_ids = self._check_ids(prompt)
-        if not prompt_ids:
-            raise InvalidParameterError("the prompt is empty and the model takes no BOS token")
+        prompt_ids = self._prompt_ids(prompt)
         protected = self._protected_length(prompt, prompt_ids, keep)
         request = _Request(
             prompt_ids=prompt_ids,
@@ -433,6 +472,7 @@ class Engine:
             sampling=sampling,
             stop=stops,
             adapters=dict(active),
+            bound=self._bind(active),
             on_overflow=policy,
             timeout=timeout,
         )
@@ -466,6 +506,7 @@ class Engine:
             )
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
         ids = self.tokenize(text, add_bos=False)
+        started = time.perf_counter()
         bos = [] if self.info.bos_id is None else [self.info.bos_id]
         step = window - len(bos)
         chunks = [ids[i : i + step] for i in range(0, len(ids) - step + 1, step)] or [ids]
@@ -473,14 +514,22 @@ class Engine:
             raise InvalidParameterError(
                 f"the text has {len(ids)} tokens; perplexity needs at least {4 - len(bos)}"
             )
-        started = time.perf_counter()
         total, count = 0.0, 0
-        for chunk in chunks:
-            tokens = [*bos, *chunk]
-            half = len(tokens) // 2
-            [scores] = self._score(tokens[:half], [tokens[half:]], active)
-            total -= float(scores.sum())
-            count += len(scores)
+        bound = self._bind(active)
+        try:
+            for chunk in chunks:
+                tokens = [*bos, *chunk]
+                half = len(tokens) // 2
+                [scores] = self._score(tokens[:half], [tokens[half:]], bound)
+                total -= float(scores.sum())
+                count += len(scores)
+        finally:
+            self._unbind_all(bound)
+        if not math.isfinite(total):
+            raise NumericalError(
+                f"the {self.backend_name} backend computed non-finite log-probabilities "
+                "(NaN or infinite logits): check the adapter scales"
+            )
         mean = total / count
         return Perplexity(
             perplexity=math.exp(mean),
@@ -492,12 +541,15 @@ class Engine:
         )
 
     def _score(
-        self, prompt: list[int], continuations: list[list[int]], adapters: dict[str, float]
+        self,
+        prompt: list[int],
+        continuations: list[list[int]],
+        bound: list[tuple[_LoadedAdapter, float]],
     ) -> list[np.ndarray]:
         """Log-probabilities of each continuation's tokens after ``prompt`` (see Backend.score)."""
         with self._exclusive():
-            key = self._adapter_key(adapters)
-            handles = [(self._adapters[name].handle, scale) for name, scale in adapters.items()]
+            key = _adapter_key(bound)
+            handles = [(loaded.handle, scale) for loaded, scale in bound]
             reuse = 0
             if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
                 reuse = min(_common_prefix(self._cached_tokens, prompt), len(prompt) - 1)
@@ -522,19 +574,38 @@ class Engine:
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the model and adapters. A generation running in another thread ends first."""
-        if self._closed:
-            return
-        self._closed = True
-        stream = self._open_stream() if self._open_stream else None
-        if stream is not None and self._owner == threading.get_ident():
-            stream.close()
-        with self._lock:
-            try:
-                self._backend.close()
-            finally:
+        """Free the model and adapters. A generation running in another thread ends first.
+
+        A stream paused between two pieces (its loop body running, or left unfinished) does
+        not keep ``close`` waiting: the engine is freed when that stream ends or is closed,
+        and iterating it again ends it with finish_reason ``"cancelled"``.
+        """
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+        holder = self._holder() if self._holder is not None else None
+        if holder is not None and holder.thread == threading.get_ident():
+            holder.close()
+        while not self._lock.acquire(timeout=0.05):
+            with self._state:
+                holder = self._holder() if self._holder is not None else None
+                if holder is not None and not holder.running:
+                    self._close_pending = True  # the holder's release closes the backend
+                    return
+        try:
+            self._close_backend()
+        finally:
+            self._lock.release()
+
+    def _close_backend(self) -> None:
+        try:
+            self._backend.close()
+        finally:
+            with self._state:
                 self._adapters.clear()
-                self._forget_cache()
+                self._doomed.clear()
+            self._forget_cache()
 
     def __enter__(self) -> Self:
         return self
@@ -553,8 +624,9 @@ class Engine:
         n_ctx = backend.info.n_ctx
         tokens, truncated, limit, limit_detail = self._fit_context(request, n_ctx)
         n_prompt = len(tokens)
-        key = self._adapter_key(request.adapters)
-        handles = [(self._adapters[name].handle, scale) for name, scale in request.adapters.items()]
+        self._free_doomed()
+        key = _adapter_key(request.bound)
+        handles = [(loaded.handle, scale) for loaded, scale in request.bound]
         reuse = 0
         if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
             reuse = min(_common_prefix(self._cached_tokens, tokens), len(tokens) - 1)
@@ -615,6 +687,9 @@ class Engine:
         except Exception as exc:
             self._forget_cache()
             raise EdgeGemmaError(f"{backend.name} backend failed during generation: {exc}") from exc
+        finally:
+            self._unbind(request)
+            self._free_doomed()
 
         end = time.perf_counter()
         decode_s = (
@@ -654,11 +729,16 @@ class Engine:
         policy = request.on_overflow
 
         def overflow(why: str) -> ContextOverflowError:
+            advice = {
+                "error": 'or pass on_overflow="truncate_left"',
+                "truncate_left": "or protect less of the prompt with keep=",
+                "shift": 'or pass on_overflow="truncate_left"',
+            }[policy]
             return ContextOverflowError(
                 f"{why}: the prompt has {len(request.prompt_ids)} tokens, max_tokens is "
                 f"{wanted}, the context window holds n_ctx={n_ctx} tokens "
                 f'(on_overflow="{policy}"). Shorten the prompt, lower max_tokens, load with a '
-                'larger n_ctx, or pass on_overflow="truncate_left".',
+                f"larger n_ctx, {advice}.",
                 prompt_tokens=len(request.prompt_ids),
                 max_tokens=wanted,
                 n_ctx=n_ctx,
@@ -715,8 +795,50 @@ class Engine:
         self._cached_tokens = []
         self._cached_key = ()
 
-    def _adapter_key(self, adapters: Mapping[str, float]) -> tuple[tuple[int, float], ...]:
-        return tuple(sorted((self._adapters[name].uid, scale) for name, scale in adapters.items()))
+    def _bind(self, adapters: Mapping[str, float]) -> list[tuple[_LoadedAdapter, float]]:
+        """The loaded adapters ``adapters`` names now, kept alive until :meth:`_unbind`."""
+        with self._state:
+            bound = []
+            for name, scale in adapters.items():
+                loaded = self._adapters.get(name)
+                if loaded is None:
+                    known = ", ".join(sorted(self._adapters)) or "none"
+                    raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {known})")
+                bound.append((loaded, scale))
+            for loaded, _ in bound:
+                loaded.users += 1
+            return bound
+
+    def _unbind(self, request: _Request) -> None:
+        with self._state:
+            if request.released:
+                return
+            request.released = True
+        self._unbind_all(request.bound)
+
+    def _unbind_all(self, bound: list[tuple[_LoadedAdapter, float]]) -> None:
+        with self._state:
+            for loaded, _ in bound:
+                loaded.users -= 1
+                if loaded.unloaded and loaded.users == 0:
+                    self._doomed.append(loaded)
+
+    def _free_doomed_if_idle(self) -> None:
+        """Free unloaded adapters now if nobody holds the engine (else its holder will)."""
+        if self._doomed and not self._closed and self._lock.acquire(blocking=False):
+            try:
+                self._free_doomed()
+            finally:
+                self._lock.release()
+
+    def _free_doomed(self) -> None:
+        """Free unloaded adapters no call uses any more. Only under the engine lock."""
+        with self._state:
+            doomed, self._doomed = self._doomed, []
+        for loaded in doomed:
+            if any(uid == loaded.uid for uid, _ in self._cached_key):
+                self._forget_cache()
+            self._backend.free_adapter(loaded.handle)
 
     def _check_adapter_set(self, adapters: object) -> dict[str, float]:
         if adapters is None:
@@ -727,27 +849,60 @@ class Engine:
             )
         checked: dict[str, float] = {}
         for name, scale in adapters.items():
-            if name not in self._adapters:
+            if not isinstance(name, str) or name not in self._adapters:
                 loaded = ", ".join(sorted(self._adapters)) or "none"
                 raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
-            if (
-                isinstance(scale, bool)
-                or not isinstance(scale, (int, float))
-                or not math.isfinite(scale)
-            ):
-                raise InvalidParameterError(f"adapter scale must be a finite number, got {scale!r}")
+            # Runtimes take the scale as a C float: 1e39 passes isfinite() but is infinite there.
+            check_float32("adapter scale", scale)
             if scale != 0:  # a zero scale is the base model: leave the adapter out entirely
                 checked[name] = float(scale)
         return checked
 
-    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
-        vocab = self._backend.info.vocab_size
-        ids = list(token_ids)
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+    def _prompt_ids(self, prompt: object) -> list[int]:
+        """The token ids a prompt stands for: text is tokenized (BOS first), ids are taken as
+        they are."""
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+            if not ids:
                 raise InvalidParameterError(
-                    f"token id {t!r} is outside the vocabulary [0, {vocab})"
+                    "the prompt is empty and this model takes no BOS token: give some text"
                 )
+            return ids
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidParameterError("the prompt is bytes; decode it to str (or pass token ids)")
+        ids = self._check_ids(prompt)
+        if not ids:
+            raise InvalidParameterError(
+                "the prompt is an empty list of token ids: give text, or at least one id "
+                "(ids are taken as they are, so a BOS token is not added)"
+            )
+        return ids
+
+    def _check_ids(self, token_ids: object) -> list[int]:
+        if isinstance(token_ids, np.ndarray):
+            if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
+                raise InvalidParameterError(
+                    f"token ids must be a 1-D array of integers, got {token_ids.dtype} "
+                    f"with shape {token_ids.shape}"
+                )
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, (str, bytes, bytearray, Mapping)) or not isinstance(
+            token_ids, (Sequence, np.ndarray)
+        ):
+            raise InvalidParameterError(
+                "the prompt must be text (str) or a sequence of token ids, "
+                f"got {type(token_ids).__name__}"
+            )
+        vocab = self._backend.info.vocab_size
+        ids = []
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise InvalidParameterError(
+                    f"token ids must be integers, got {t!r} ({type(t).__name__})"
+                )
+            if not 0 <= t < vocab:
+                raise InvalidParameterError(f"token id {t} is outside the vocabulary [0, {vocab})")
+            ids.append(int(t))
         return ids
 
     def _protected_length(self, prompt: object, prompt_ids: list[int], keep: int | str) -> int:
@@ -778,34 +933,44 @@ class Engine:
             raise EngineClosedError("the engine is closed")
 
     def _acquire(self, stream: Stream) -> None:
-        me = threading.get_ident()
-        if self._owner == me:
+        if self._holder_thread() == threading.get_ident():
             raise EngineBusyError(
-                "another stream of this engine is open in this thread; "
+                "another stream of this engine is open and this thread is iterating it; "
                 "exhaust or close() it before starting a new call"
             )
         self._lock.acquire()
         if self._closed:
             self._lock.release()
             raise EngineClosedError("the engine is closed")
-        self._owner = me
-        self._open_stream = weakref.ref(stream)
+        with self._state:
+            self._holder = weakref.ref(stream)
 
     def _release(self) -> None:
-        self._owner = None
-        self._open_stream = None
-        self._lock.release()
+        with self._state:
+            self._holder = None
+            close_now, self._close_pending = self._close_pending, False
+        try:
+            if close_now:
+                self._close_backend()
+        finally:
+            self._lock.release()
+
+    def _holder_thread(self) -> int | None:
+        """The thread iterating the stream that holds the engine, if a stream holds it."""
+        holder = self._holder() if self._holder is not None else None
+        return holder.thread if holder is not None else None
 
     def _reading(self) -> contextlib.AbstractContextManager[None]:
-        """The lock for a read of the model, unless this thread's open stream holds it already."""
+        """The lock for a read of the model, unless this thread's open stream holds it already
+        (the backend is then paused between two tokens)."""
         self._check_open()
-        if self._owner == threading.get_ident():
+        if self._holder_thread() == threading.get_ident():
             return contextlib.nullcontext()
         return _Exclusive(self)
 
     def _exclusive(self) -> _Exclusive:
         self._check_open()
-        if self._owner == threading.get_ident():
+        if self._holder_thread() == threading.get_ident():
             raise EngineBusyError("a stream of this engine is open in this thread; close it first")
         return _Exclusive(self)
 
@@ -894,13 +1059,21 @@ def load(
     """
     from . import models
 
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-        raise InvalidParameterError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= 2**20:
+        raise InvalidParameterError(f"n_ctx must be an integer in [16, 1048576], got {n_ctx!r}")
+    # llama.cpp pads the context to a multiple of 256; every backend gets the same window.
+    n_ctx = -(-n_ctx // N_CTX_STEP) * N_CTX_STEP
+    cores = len(usable_cores())
     policy = ThreadPolicy(default_threads(), fixed=False) if n_threads is None else None
     if n_threads is None:
         n_threads = default_threads()
-    elif isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
-        raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
+    elif (
+        isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= cores
+    ):
+        raise InvalidParameterError(
+            f"n_threads must be an integer from 1 to the {cores} cores this process may use, "
+            f"got {n_threads!r}"
+        )
     _check_policy(on_overflow)
     _check_prefix_cache(prefix_cache)
     path = models.resolve(models.default_model(backend) if model is None else model)
@@ -918,6 +1091,11 @@ def load(
     return Engine(
         opened, model_path=path, on_overflow=on_overflow, prefix_cache=prefix_cache, threads=policy
     )
+
+
+def _adapter_key(bound: Sequence[tuple[_LoadedAdapter, float]]) -> tuple[tuple[int, float], ...]:
+    """What the KV cache is keyed by: each adapter's load (not its name) and scale."""
+    return tuple(sorted((loaded.uid, scale) for loaded, scale in bound))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

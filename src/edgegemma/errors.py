@@ -32,6 +32,11 @@ class AdapterError(EdgeGemmaError):
     """A LoRA adapter cannot be loaded, does not fit the base model, or is misused."""
 
 
+class NumericalError(EdgeGemmaError):
+    """The runtime computed non-finite numbers (NaN or infinite logits): usually an adapter scale
+    far too large for the model. The generation ended; the engine stays usable."""
+
+
 class ContextOverflowError(EdgeGemmaError):
     """A request does not fit the context window under the chosen ``on_overflow`` policy."""
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from .errors import ModelError
 
 
 def home() -> Path:
@@ -20,3 +23,23 @@ def lock_path() -> Path:
     if configured:
         return Path(configured).expanduser().absolute()
     return Path(__file__).with_name("models.lock")
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse a path that exists but is not a regular file: reading a FIFO or a device would
+    block or never end. A missing file is left to the caller (``FileNotFoundError``)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ModelError(f"{path} is {kind}; edgegemma expected a file there")
+
+
+def read_text(path: Path) -> str:
+    """The text of a small file edgegemma keeps (a lock file, a pin, a manifest)."""
+    check_regular_file(path)
+    return path.read_text(encoding="utf-8")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import importlib
 import importlib.metadata
@@ -54,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from filelock import FileLock, Timeout
+
 from .errors import (
     ConversionError,
     EdgeGemmaError,
@@ -61,7 +62,7 @@ from .errors import (
     InvalidParameterError,
     ModelError,
 )
-from .locations import home, lock_path
+from .locations import check_regular_file, home, lock_path, read_text
 from .recipes import gguf_options
 
 log = logging.getLogger("edgegemma")
@@ -219,7 +220,7 @@ def read_lock(path: Path | None = None) -> dict[str, LockEntry]:
     """The entries of a lock file (default :func:`lock_path`), checked, by name."""
     path = lock_path() if path is None else Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_text(path))
     except FileNotFoundError:
         hint = " (set by EDGEGEMMA_LOCK)" if os.environ.get("EDGEGEMMA_LOCK") else ""
         raise ModelError(f"model lock file not found: {path}{hint}") from None
@@ -718,22 +719,39 @@ def pin(name: str) -> LockEntry:
 
 
 def resolve(model: str | os.PathLike[str]) -> Path:
-    """An existing file or directory as it is; a lock file name as :func:`fetch` gives it."""
+    """The file or folder ``model`` names.
+
+    In this order: a string that is a model name (no path separator, no leading ``.`` or
+    ``~``) and is in the lock file is that model, fetched as :func:`fetch` does -- a file of the
+    same name in the working directory does not stand in for it (write ``./NAME`` for that);
+    anything else is a path, which must exist.
+    """
     if not isinstance(model, (str, os.PathLike)) or model == "":
         raise InvalidParameterError(
             f"model must be a file path or a model name from models.lock, got {model!r}"
         )
+    if isinstance(model, str) and looks_like_a_name(model):
+        entries = read_lock()
+        if model in entries:
+            return fetch(model)
+        if not Path(model).exists():
+            raise ModelError(
+                f"{model!r} is neither a model name in {lock_path()} "
+                f"(known models: {', '.join(entries) or 'none'}) nor an existing file or directory"
+            )
     path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if not isinstance(model, str):
+    if not path.exists():
         raise ModelError(f"model file not found: {path}")
-    entries = read_lock()
-    if model in entries:
-        return fetch(model)
-    raise ModelError(
-        f"{model!r} is neither an existing file or directory nor a model name in {lock_path()} "
-        f"(known models: {', '.join(entries) or 'none'})"
+    return path
+
+
+def looks_like_a_name(text: str) -> bool:
+    """Whether ``text`` could be a models.lock name rather than a path."""
+    separators = {"/", os.sep, os.altsep or "/"}
+    return (
+        bool(_NAME.fullmatch(text))
+        and not text.startswith((".", "~"))
+        and not any(sep in text for sep in separators)
     )
 
 
@@ -742,6 +760,7 @@ def resolve(model: str | os.PathLike[str]) -> Path:
 
 def _hash(path: Path) -> tuple[str, int, tuple[int, int, int, int]]:
     """sha256, size and stat key of a file, the stat taken from the very file hashed."""
+    check_regular_file(path)
     with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -756,7 +775,7 @@ def _stat_key(info: os.stat_result) -> tuple[int, int, int, int]:
 def _read_pin(folder: Path) -> _Pin | None:
     path = folder / "pin.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
         key = data["stat_key"]
         return _Pin(
             origin=str(data["origin"]),
@@ -806,15 +825,19 @@ def _fsync(path: Path) -> None:
 
 @contextmanager
 def _locked(path: Path, waiting: str) -> Iterator[None]:
-    """Hold an exclusive flock on ``path``; the kernel drops it if this process dies."""
+    """Hold an exclusive file lock on ``path`` (flock on POSIX, a locked file on Windows); the
+    operating system drops it if this process dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info(waiting)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info(waiting)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 # -- command line ----------------------------------------------------------------------

@@ -86,12 +86,16 @@ class Example:
 def read_examples(path: str | os.PathLike[str]) -> list[Example]:
     """The examples of a JSONL file; :class:`InvalidParameterError` names the first bad line."""
     source = Path(path)
+    if source.exists() and not source.is_file():
+        raise InvalidParameterError(f"training data must be a JSONL file, and {source} is not one")
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise InvalidParameterError(f"training data not found: {source}") from None
     except UnicodeDecodeError as exc:
         raise InvalidParameterError(f"{source} is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise InvalidParameterError(f"cannot read {source}: {exc.strerror}") from None
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

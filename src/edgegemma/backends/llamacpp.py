@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from ..errors import (
     EdgeGemmaError,
     InvalidParameterError,
     ModelError,
+    NumericalError,
 )
 from ..gguffile import GGUFHeader, read_header
 from ..sampling import SamplingParams
@@ -37,6 +39,10 @@ _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
 _SCORE_CHUNK = 32
 """Tokens scored per decode: each needs a vocab-sized row of logits (1 MiB for Gemma 3)."""
 _GREEDY = SamplingParams()
+_NON_FINITE = (
+    "llama.cpp computed non-finite logits (NaN or infinity); an adapter scale far too large "
+    "for the model does this"
+)
 
 
 class _NativeLog:
@@ -259,11 +265,14 @@ class LlamaCppBackend(Backend):
         if self._pending is not None:
             self._evaluate([self._pending])
             self._pending = None
+        logits = self._last_logits()
         if self._greedy:
-            token = int(self._last_logits().argmax())
+            token = int(logits.argmax())
         else:
             assert self._sampler is not None
             token = ll.llama_sampler_sample(self._sampler, self._ctx, -1)
+        if not math.isfinite(logits[token]):  # all-NaN logits pick token 0 and read as "length"
+            raise NumericalError(_NON_FINITE)
         self._pending = token
         return token
 

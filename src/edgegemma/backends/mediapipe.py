@@ -29,13 +29,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import itertools
 import os
 import queue
 import random
 import tempfile
 import threading
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from ..errors import (
     EdgeGemmaError,
     InvalidParameterError,
     ModelError,
+    NumericalError,
 )
 from ..locations import home
 from ..recipes import LITERT_FILES, litert_options
@@ -59,6 +61,8 @@ from ..sampling import SamplingParams
 from ..tflitefile import LoraSpec, TfliteFacts, inspect_model
 from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
 
+_LORA_FILES_KEPT = 4
+"""LoRA files kept for sets of adapters with scales (~6 MB each at rank 16 for this model)."""
 _PIECE_CACHE = 4096
 """Text pieces whose token ids are remembered: tokenizing each decoded piece again is the
 backend's main cost per token."""
@@ -93,12 +97,20 @@ class MediaPipeBackend(Backend):
         self._piece_cache: dict[int, bytes] = {}
         self._piece_ids: dict[str, list[int]] = {}
         self._byte_base = self._find_byte_tokens()
-        self._lora_files: dict[tuple[tuple[int, float], ...], Path] = {}
+        # LoRA files written for sets of adapters with scales, least recently used first.
+        self._lora_files: OrderedDict[tuple[tuple[int, float], ...], Path] = OrderedDict()
+        self._file_ids = itertools.count(1)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._zero_lora = self._write_zero_lora(facts.lora) if facts.lora else None
         stops = {ids[0] for ids in self._engine.eos_token_ids if len(ids) == 1}
         self._eos = min(stops) if stops else -1
         bos = self._engine.bos_token_id
+        pad = self._engine.tokenize("<pad>")
+        self._pad = pad[0] if len(pad) == 1 else None
+        # Special tokens stand for no text (the runtime spells them "<pad>", "<eos>", ...).
+        for special in (*stops, bos, self._pad):
+            if special is not None and special >= 0:
+                self._piece_cache[special] = b""
         lora = f", LoRA rank {facts.lora.rank}" if facts.lora else ", no LoRA inputs"
         assert facts.vocab_size is not None  # open() refuses a graph without logits
         self.info = ModelInfo(
@@ -208,16 +220,18 @@ class MediaPipeBackend(Backend):
             return adapters[0][0].path
         key = tuple((id(handle), scale) for handle, scale in adapters)
         found = self._lora_files.get(key)
-        if found is None:
-            tensors = combine([(handle.tensors, scale) for handle, scale in adapters], spec)
-            if self._scratch is None:
-                self._scratch = tempfile.TemporaryDirectory(prefix="edgegemma-litert-")
-            found = write_lora(
-                Path(self._scratch.name) / f"set-{len(self._lora_files)}.tflite",
-                tensors,
-                rank=spec.rank,
-            )
-            self._lora_files[key] = found
+        if found is not None:
+            self._lora_files.move_to_end(key)
+            return found
+        while len(self._lora_files) >= _LORA_FILES_KEPT:
+            self._lora_files.popitem(last=False)[1].unlink(missing_ok=True)
+        tensors = combine([(handle.tensors, scale) for handle, scale in adapters], spec)
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="edgegemma-litert-")
+        found = write_lora(
+            Path(self._scratch.name) / f"set-{next(self._file_ids)}.tflite", tensors, rank=spec.rank
+        )
+        self._lora_files[key] = found
         return found
 
     def _write_zero_lora(self, spec: LoraSpec) -> Path:
@@ -227,7 +241,10 @@ class MediaPipeBackend(Backend):
             / f"zero-lora-r{spec.rank}-{hashlib.sha256(shapes).hexdigest()[:12]}.tflite"
         )
         if not path.is_file():
-            write_lora(path, zero_lora(spec), rank=spec.rank)
+            try:
+                write_lora(path, zero_lora(spec), rank=spec.rank)
+            except OSError as exc:
+                raise ModelError(f"cannot write {path}: {exc.strerror}") from None
         return path
 
     # -- generation ------------------------------------------------------------------------
@@ -307,7 +324,14 @@ class MediaPipeBackend(Backend):
                 if len(self._piece_ids) > _PIECE_CACHE:
                     del self._piece_ids[next(iter(self._piece_ids))]
             self._pending.extend(ids)
-        return self._pending.popleft()
+        token = self._pending.popleft()
+        if token == self._pad:
+            # LiteRT-LM shows no logits; it emits the padding token when they are not finite.
+            raise NumericalError(
+                "LiteRT-LM produced the padding token, which it does when its logits are not "
+                "finite (NaN or infinity); an adapter scale far too large for the model does this"
+            )
+        return token
 
     def _prompt_pieces(self, tokens: Sequence[int]) -> list[str]:
         """Texts whose separate tokenizations concatenate to exactly ``tokens``."""
@@ -476,7 +500,13 @@ def _cache_dir(model: Path) -> Path:
     info = model.stat()
     identity = f"{model.resolve()}\0{info.st_size}\0{info.st_mtime_ns}".encode()
     folder = home() / "litert-cache" / hashlib.sha256(identity).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot create LiteRT-LM's cache folder {folder}: {exc.strerror}; set EDGEGEMMA_HOME "
+            "to a writable folder"
+        ) from None
     return folder
 
 

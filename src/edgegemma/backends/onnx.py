@@ -19,7 +19,9 @@ sequence is recomputed. ``shift`` re-evaluates the kept tokens in a fresh genera
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from ..errors import (
     ConversionError,
     InvalidParameterError,
     ModelError,
+    NumericalError,
 )
 from ..recipes import ONNX_OPTIONS, onnx_options
 from ..sampling import SamplingParams
@@ -42,6 +45,9 @@ from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
 
 CONFIG_FILE = "genai_config.json"
 
+_MERGED_KEPT = 4
+"""Merged adapters kept loaded (each ~3 MB on disk and ~12 MiB in the runtime for this
+model): a fifth set of scales evicts the least recently used."""
 _MIN_MAX_LENGTH = 512
 """The runtime refuses a KV capacity below the sliding window of Gemma 3."""
 _END_TOKENS = ("<end_of_turn>", "</s>")
@@ -68,7 +74,8 @@ class OnnxBackend(Backend):
         self._lora = lora_inputs(path)
         self._runtime_adapters = og.Adapters(model) if self._lora else None
         self._adapters: dict[str, _Adapter] = {}
-        self._merged: dict[tuple[tuple[str, float], ...], str] = {}
+        # Merged adapters (a set with scales) by their set, least recently used first.
+        self._merged: OrderedDict[tuple[tuple[str, float], ...], tuple[str, Path]] = OrderedDict()
         self._names = iter(range(1, 1 << 62))
         self._scratch = tempfile.TemporaryDirectory(prefix="edgegemma-onnx-adapters-")
         self._generator: og.Generator | None = None
@@ -163,11 +170,14 @@ class OnnxBackend(Backend):
 
     def free_adapter(self, handle: AdapterHandle) -> None:
         adapter = self._adapters.pop(handle)
-        for key, merged in list(self._merged.items()):
-            if any(name == handle for name, _ in key):
-                del self._merged[key]
-                self._unload_runtime(merged)
+        for key in [k for k in self._merged if any(name == handle for name, _ in k)]:
+            self._forget_merged(key)
         self._unload_runtime(adapter.name)
+
+    def _forget_merged(self, key: tuple[tuple[str, float], ...]) -> None:
+        name, path = self._merged.pop(key)
+        self._unload_runtime(name)
+        path.unlink(missing_ok=True)
 
     def _load_runtime(self, path: Path) -> str:
         assert self._runtime_adapters is not None
@@ -191,12 +201,20 @@ class OnnxBackend(Backend):
         if len(adapters) == 1 and adapters[0][1] == 1.0:
             return adapters[0][0]
         key = tuple(sorted((handle, float(scale)) for handle, scale in adapters))
-        merged = self._merged.get(key)
-        if merged is None:
-            path = Path(self._scratch.name) / f"merged-{next(self._names)}.onnx_adapter"
-            write_adapter(path, self._merge(key))
-            merged = self._merged[key] = self._load_runtime(path)
-        return merged
+        if key in self._merged:
+            self._merged.move_to_end(key)
+            return self._merged[key][0]
+        while len(self._merged) >= _MERGED_KEPT:
+            self._forget_merged(next(iter(self._merged)))
+        path = Path(self._scratch.name) / f"merged-{next(self._names)}.onnx_adapter"
+        write_adapter(path, self._merge(key))
+        try:
+            name = self._load_runtime(path)
+        except AdapterError:
+            path.unlink(missing_ok=True)
+            raise
+        self._merged[key] = (name, path)
+        return name
 
     def _merge(self, key: tuple[tuple[str, float], ...]) -> dict[str, np.ndarray]:
         merged = {}
@@ -253,6 +271,11 @@ class OnnxBackend(Backend):
         assert self._generator is not None and self._sampler is not None
         logits = self._generator.get_logits().reshape(-1)
         token = self._sampler.sample(logits)
+        if not math.isfinite(logits[token]):  # all-NaN logits pick token 0 and read as "length"
+            raise NumericalError(
+                "ONNX Runtime computed non-finite logits (NaN or infinity); an adapter scale far "
+                "too large for the model does this"
+            )
         self._pending = token
         return token
 
@@ -301,7 +324,7 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._drop_generator()
         if self._runtime_adapters is not None:
-            for name in [*self._merged.values(), *self._adapters]:
+            for name in [*(name for name, _ in self._merged.values()), *self._adapters]:
                 self._runtime_adapters.unload(name)
         self._merged.clear()
         self._adapters.clear()

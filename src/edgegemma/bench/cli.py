@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,6 +252,29 @@ def _write(path: str, text: str) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written, before anything is measured."""
+    for option in ("json", "markdown", "plot"):
+        path = getattr(args, option)
+        if not path or path == "-":
+            continue
+        target = Path(path)
+        folder = target.parent if str(target.parent) else Path(".")
+        if target.is_dir():
+            raise InvalidParameterError(f"--{option} {path} is a folder; give a file name")
+        if not folder.is_dir():
+            raise InvalidParameterError(f"--{option} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise InvalidParameterError(f"--{option} {path} cannot be written")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 -- only checked for here
+        except ImportError:
+            raise InvalidParameterError(
+                "--plot needs matplotlib: pip install 'edgegemma[bench]'"
+            ) from None
+
+
 def output(found: list[dict[str, Any]], args: argparse.Namespace, document: dict[str, Any]) -> None:
     if args.json != "-":
         print(reports.format_table(found), end="", flush=True)
@@ -269,10 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args_list[:1] == ["compare"]:
             args = compare_parser().parse_args(args_list[1:])
+            check_outputs(args)
             found = [load_report(path) for path in args.reports]
             output(found, args, {"schema": "edgegemma.bench.compare/1", "reports": found})
             return 0
         args = run_parser().parse_args(args_list)
+        check_outputs(args)  # before a run of minutes, not after it
         result = measure(args)
         output([result], args, result)
     except InvalidParameterError as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from ..memory import peak_rss
 from .stats import summarize
 from .workloads import Synthetic, Task, is_correct, load_task, synthetic_ids
 
@@ -84,19 +84,6 @@ class _Stats(Protocol):
 
 
 Generate = Callable[[Sequence[int], int], _Stats]
-
-
-def peak_rss() -> tuple[float, str]:
-    """This process's peak resident memory in MiB and where the figure comes from."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024, "VmHWM"
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak / 2**20 if sys.platform == "darwin" else peak / 1024), "ru_maxrss"
 
 
 def file_size_mb(path: Path) -> float:

@@ -160,19 +160,34 @@ that exited badly); a run that failed has its own ``error`` and keeps what it me
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read a report written by ``--json``; refuse other files and other schema versions."""
     source = Path(path)
+    if source.exists() and not source.is_file():
+        raise InvalidParameterError(f"{source} is not a file; give a report written by --json")
     try:
         report = json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidParameterError(f"report not found: {source}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidParameterError(f"{source} is not a JSON bench report: {exc}") from None
+    except OSError as exc:
+        raise InvalidParameterError(f"cannot read {source}: {exc.strerror}") from None
     if not isinstance(report, dict) or "schema" not in report:
         raise InvalidParameterError(f"{source} is not an edgegemma bench report (no schema field)")
     if report["schema"] != SCHEMA_ID:
         raise InvalidParameterError(
             f"{source} has schema {report['schema']!r}; this edgegemma reads {SCHEMA_ID!r}"
         )
-    missing = [key for key in SCHEMA["required"] if key not in report]
-    if missing:
-        raise InvalidParameterError(f"{source} lacks {', '.join(missing)}")
+    try:
+        import jsonschema
+    except ImportError:
+        raise InvalidParameterError(
+            "reading reports needs jsonschema: pip install 'edgegemma[bench]'"
+        ) from None
+    problem = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(SCHEMA).iter_errors(report)
+    )
+    if problem is not None:
+        where = "/".join(str(p) for p in problem.absolute_path) or "the top level"
+        raise InvalidParameterError(
+            f"{source} is not a valid bench report: at {where}: {problem.message}"
+        )
     return report
