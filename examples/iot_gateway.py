@@ -1,10 +1,12 @@
 """One engine, two skills: label gateway readings and tag operator notes with emoji.
 
-    python examples/iot_gateway.py [--backend llamacpp|onnx|mediapipe]
+    python examples/iot_gateway.py [--backend llamacpp|onnx|mediapipe] [--generate]
 
 The base model is loaded once; each event picks its skill's LoRA adapter for that one call
 (``adapters={skill: 1.0}``), so switching skills costs microseconds, not a model reload.
-The sensor answers are printed next to what the rule says, to show the adapter at work.
+A reading is classified: one evaluation of the prompt scores the three labels, with a
+probability each (``--generate`` generates the label as text instead). The sensor answers are
+printed next to what the rule says, to show the adapter at work.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ def main() -> None:
     parser.add_argument(
         "--backend", default="llamacpp", help="llamacpp (default), onnx or mediapipe"
     )
+    parser.add_argument("--generate", action="store_true", help="generate sensor labels as text")
     options = parser.parse_args()
     started = time.perf_counter()
-    with edgegemma.load("gemma3-270m", backend=options.backend, n_ctx=1024) as engine:
+    with edgegemma.load(backend=options.backend, n_ctx=1024) as engine:
         for skill in skills.SKILLS:
             engine.load_adapter(skill, skills.adapter_path(skill, options.backend))
         print(
@@ -44,6 +47,17 @@ def main() -> None:
             f"({engine.backend_name})\n"
         )
         for skill, text in EVENTS:
+            if skill == "sensor" and not options.generate:
+                found = engine.classify(
+                    skills.prompt(skill, text), skills.LABELS["sensor"], adapters={skill: 1.0}
+                )
+                answer = found.label.strip()
+                check = "ok" if answer == sensor.label(text) else f"rule says {sensor.label(text)}"
+                print(
+                    f"[sensor {found.seconds * 1000:4.0f} ms] {answer:<8} "
+                    f"p={found.scores[found.label]:.2f} {text}  ({check})"
+                )
+                continue
             result = engine.generate(
                 skills.prompt(skill, text), adapters={skill: 1.0}, **skills.GENERATION[skill]
             )

@@ -104,7 +104,12 @@ def test_ssh_target_runs_the_harness_remotely(sshd, gguf_path, tmp_path, capsys)
         "raw",
         "llama-cpp-python",
     )
-    assert [r["workload"] for r in engine["results"]] == ["pp8", "tg4", "sensor"]
+    assert [r["workload"] for r in engine["results"]] == [
+        "pp8",
+        "tg4",
+        "sensor",
+        "sensor (classify)",
+    ]
     assert engine["peak_rss_mb"] > engine["model_size_mb"]
     # The remote's progress is relayed as it runs, and the table is printed here.
     assert "127.0.0.1|" in captured.err and "pp8" in captured.err

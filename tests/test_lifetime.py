@@ -164,3 +164,31 @@ def test_close_from_another_thread_while_a_stream_is_paused(scripted):
     assert not closer.is_alive(), "close() waited forever for a paused stream"
     assert list(stream) == [] or stream.result.finish_reason == "cancelled"
     assert backend.closed
+
+
+def test_a_call_keeps_the_engine_set_of_its_moment_against_a_concurrent_set(scripted):
+    engine, _, files = scripted
+    engine.load_adapter("emoji", files["emoji"])
+    engine.load_adapter("other", files["other"])
+    engine.set_adapters({"emoji": 1.0})
+    busy = engine.stream("p", max_tokens=40)
+    next(busy)  # the engine is busy: the next call waits
+    made = threading.Event()
+    result: dict[str, str] = {}
+
+    def call() -> None:
+        stream = engine.stream("p", max_tokens=40)  # made now, under {"emoji": 1.0}
+        made.set()
+        result["text"] = "".join(stream)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    made.wait(10)
+    engine_set = threading.Thread(target=engine.set_adapters, args=({"other": 1.0},))
+    engine_set.start()
+    busy.close()
+    for thread in (worker, engine_set):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert result["text"] == "emoji.bin@1"
+    assert engine.generate("p", max_tokens=40).text == "other.bin@1"

@@ -7,7 +7,17 @@ with edgegemma.load("gemma3-270m") as engine:
 
 from .backends import available_backends
 from .backends.base import Backend, BackendOptions, Features, ModelInfo
-from .engine import ENGINE_ADAPTERS, Engine, Perplexity, Result, Stats, Stream, load
+from .engine import (
+    ENGINE_ADAPTERS,
+    Classification,
+    Engine,
+    Perplexity,
+    Result,
+    Stats,
+    Stream,
+    TokenLogprob,
+    load,
+)
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -31,6 +41,7 @@ __all__ = [
     "Backend",
     "BackendOptions",
     "BackendUnavailableError",
+    "Classification",
     "ContextOverflowError",
     "ConversionError",
     "EdgeGemmaError",
@@ -48,6 +59,7 @@ __all__ = [
     "SamplingParams",
     "Stats",
     "Stream",
+    "TokenLogprob",
     "available_backends",
     "load",
 ]

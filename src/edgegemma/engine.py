@@ -19,12 +19,20 @@ import weakref
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 
 from .backends import backend_for_path, get_backend
-from .backends.base import AdapterHandle, Backend, BackendOptions, ModelInfo
+from .backends.base import (
+    AdapterHandle,
+    Backend,
+    BackendOptions,
+    Features,
+    ModelInfo,
+    log_probs,
+)
+from .constraints import Constraint, Matcher, Vocabulary, make_constraint
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -92,6 +100,19 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, and its most likely alternatives."""
+
+    token: int
+    text: str
+    """The token's text (``\ufffd`` for part of a character)."""
+    logprob: float
+    """Natural log of its probability in the distribution it was chosen from."""
+    top: list[TokenLogprob] = field(default_factory=list)
+    """The ``logprobs=k`` most likely tokens at that step, most likely first."""
+
+
+@dataclass(frozen=True)
 class Result:
     """What :meth:`Engine.generate` returns."""
 
@@ -104,6 +125,23 @@ class Result:
     adapters: dict[str, float]
     """The adapter set the text was generated with (empty for the bare base model)."""
     stats: Stats
+    logprobs: list[TokenLogprob] | None = None
+    """Per generated token, with ``logprobs=k`` (backends that show their logits)."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What :meth:`Engine.classify` returns."""
+
+    label: str
+    """The most likely label."""
+    scores: dict[str, float]
+    """Each label's probability, normalised over the labels (they sum to 1)."""
+    logprobs: dict[str, float]
+    """Each label's log-probability after the prompt: the sum over its tokens."""
+    prompt_tokens: int
+    seconds: float
+    adapters: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -146,6 +184,8 @@ class _Request:
     """The loaded adapters those names meant when the call was made: what the call runs."""
     on_overflow: str
     timeout: float | None
+    constraint: Constraint | None = None
+    logprobs: int | None = None
     started: float = field(default_factory=time.perf_counter)
     released: bool = False
 
@@ -268,6 +308,7 @@ class Engine:
         """Unloaded adapters whose last call has ended: freed by the next holder of the lock."""
         self._close_pending = False
         self._closed = False
+        self._vocab: Vocabulary | None = None
 
     # -- model facts ---------------------------------------------------------------------
 
@@ -278,6 +319,12 @@ class Engine:
     @property
     def info(self) -> ModelInfo:
         return self._backend.info
+
+    @property
+    def features(self) -> Features:
+        """What the backend supports beyond generating: classify and perplexity (``score``),
+        constrained output and logprobs (``logits``), its load options."""
+        return self._backend.features
 
     @property
     def n_ctx(self) -> int:
@@ -377,6 +424,10 @@ class Engine:
         on_overflow: OverflowPolicy | None = None,
         keep: int | str = 0,
         timeout: float | None = None,
+        choices: Sequence[str] | None = None,
+        regex: str | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
+        logprobs: int | None = None,
     ) -> Result:
         """Generate a continuation of ``prompt`` (text, or token ids taken as they are).
 
@@ -386,6 +437,14 @@ class Engine:
         prompt prefix (a token count, or a string the prompt starts with) that
         ``truncate_left`` and ``shift`` never drop. ``timeout`` (seconds, from this call) ends
         generation early with finish_reason ``"timeout"``; the text so far is returned.
+
+        ``choices``, ``regex`` or ``json_schema`` (one of them) constrain the output: only
+        tokens that keep it a prefix of a valid answer are ever chosen, and it ends when the
+        answer is complete (finish_reason ``"stop"``); one that could not be completed within
+        ``max_tokens`` ends with finish_reason ``"length"`` and says so in ``finish_detail``.
+        ``logprobs=k`` records each generated token's log-probability and the ``k`` most likely
+        alternatives in ``Result.logprobs``. Both need a backend that shows its logits
+        (llamacpp, onnx).
         """
         stream = self.stream(
             prompt,
@@ -401,6 +460,10 @@ class Engine:
             on_overflow=on_overflow,
             keep=keep,
             timeout=timeout,
+            choices=choices,
+            regex=regex,
+            json_schema=json_schema,
+            logprobs=logprobs,
         )
         with stream:
             for _ in stream:
@@ -423,6 +486,10 @@ class Engine:
         on_overflow: OverflowPolicy | None = None,
         keep: int | str = 0,
         timeout: float | None = None,
+        choices: Sequence[str] | None = None,
+        regex: str | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
+        logprobs: int | None = None,
     ) -> Stream:
         """Like :meth:`generate`, but yields text pieces as they are produced."""
         self._check_open()
@@ -462,6 +529,17 @@ class Engine:
             raise InvalidParameterError(
                 f"timeout must be a positive number of seconds, got {timeout!r}"
             )
+        constraint = make_constraint(choices, regex, json_schema)
+        if logprobs is not None and (
+            isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20
+        ):
+            raise InvalidParameterError(f"logprobs must be an integer in [0, 20], got {logprobs!r}")
+        if (constraint is not None or logprobs is not None) and not self._backend.features.logits:
+            what = "constrained output" if constraint is not None else "logprobs"
+            raise BackendUnavailableError(
+                f"the {self.backend_name} backend shows no logits, so it has no {what} "
+                "(it is available on llamacpp and onnx)"
+            )
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
         prompt_ids = self._prompt_ids(prompt)
         protected = self._protected_length(prompt, prompt_ids, keep)
@@ -475,6 +553,8 @@ class Engine:
             bound=self._bind(active),
             on_overflow=policy,
             timeout=timeout,
+            constraint=constraint,
+            logprobs=logprobs,
         )
         return Stream(self, request)
 
@@ -520,9 +600,9 @@ class Engine:
             for chunk in chunks:
                 tokens = [*bos, *chunk]
                 half = len(tokens) // 2
-                [scores] = self._score(tokens[:half], [tokens[half:]], bound)
-                total -= float(scores.sum())
-                count += len(scores)
+                [score] = self._score(tokens[:half], [tokens[half:]], bound)
+                total -= score
+                count += len(tokens) - half
         finally:
             self._unbind_all(bound)
         if not math.isfinite(total):
@@ -540,13 +620,132 @@ class Engine:
             seconds=time.perf_counter() - started,
         )
 
+    def classify(
+        self,
+        prompt: str | Sequence[int],
+        labels: Sequence[str],
+        *,
+        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+    ) -> Classification:
+        """Which of ``labels`` the model says follows ``prompt``, with a probability for each.
+
+        The prompt is evaluated once; each label's tokens are scored after it (a label of
+        several tokens branches from the prompt's KV cache), so a question with three labels
+        costs one prefill and a few tokens, not a generation. Labels are the text as it would
+        follow the prompt, leading space included (``[" normal", " warning"]``). The
+        probabilities are the labels' likelihoods normalised over the labels.
+        """
+        self._check_open()
+        if not self._backend.features.score:
+            raise BackendUnavailableError(f"the {self.backend_name} backend cannot score labels")
+        label_ids = self._label_ids(labels)
+        active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
+        prompt_ids = self._prompt_ids(prompt)
+        longest = max(len(ids) for ids in label_ids)
+        if len(prompt_ids) + longest > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt ({len(prompt_ids)} tokens) and the longest label ({longest}) exceed "
+                f"the context window (n_ctx={self.n_ctx})",
+                prompt_tokens=len(prompt_ids),
+                max_tokens=longest,
+                n_ctx=self.n_ctx,
+            )
+        started = time.perf_counter()
+        bound = self._bind(active)
+        try:
+            totals = self._score(prompt_ids, label_ids, bound)
+        finally:
+            self._unbind_all(bound)
+        values = np.asarray(totals, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise NumericalError(
+                f"the {self.backend_name} backend computed non-finite log-probabilities "
+                "(NaN or infinite logits): check the adapter scales"
+            )
+        probabilities = np.exp(values - values.max())
+        probabilities /= probabilities.sum()
+        names = list(labels)
+        return Classification(
+            label=names[int(values.argmax())],
+            scores={label: float(p) for label, p in zip(names, probabilities)},
+            logprobs={label: float(v) for label, v in zip(names, values)},
+            prompt_tokens=len(prompt_ids),
+            seconds=time.perf_counter() - started,
+            adapters=dict(active),
+        )
+
+    def classify_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        labels: Sequence[str],
+        *,
+        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+    ) -> list[Classification]:
+        """:meth:`classify` for each prompt, under one adapter set; the same results as one
+        call each (the calls are not batched yet: see the README)."""
+        batch = _check_batch(prompts)
+        self._label_ids(labels)  # bad labels fail before any prompt runs
+        return [self.classify(prompt, labels, adapters=adapters) for prompt in batch]
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Result]:
+        """:meth:`generate` for each prompt with the same options; the same results as one
+        call each (the calls are not batched yet: see the README)."""
+        batch = _check_batch(prompts)
+        return [self.generate(prompt, **options) for prompt in batch]
+
+    def _label_ids(self, labels: object) -> list[list[int]]:
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or not labels:
+            raise InvalidParameterError(
+                f"labels must be a non-empty list of strings, got {labels!r}"
+            )
+        if not all(isinstance(label, str) for label in labels):
+            raise InvalidParameterError("every label must be a string")
+        if len(set(labels)) != len(labels):
+            raise InvalidParameterError(f"labels must be distinct, got {list(labels)!r}")
+        ids = [self.tokenize(label, add_bos=False) for label in labels]
+        empty = [label for label, found in zip(labels, ids) if not found]
+        if empty:
+            raise InvalidParameterError(f"labels {empty!r} stand for no tokens")
+        return ids
+
+    def _vocabulary(self) -> Vocabulary:
+        """The backend's vocabulary for constraints, built on first use (the lock is held)."""
+        if self._vocab is None:
+            info = self._backend.info
+            self._vocab = Vocabulary(
+                self._backend.token_bytes,
+                self._backend.tokenize,
+                vocab_size=info.vocab_size,
+                bos_id=info.bos_id,
+                eog_ids=info.eog_ids,
+            )
+        return self._vocab
+
+    def _logprob(self, token: int, top: int) -> TokenLogprob:
+        values = log_probs(self._backend.logits())
+        best = np.argpartition(-values, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-values[best], kind="stable")]
+        return TokenLogprob(
+            token=token,
+            text=self._backend.token_bytes(token).decode("utf-8", "replace"),
+            logprob=float(values[token]),
+            top=[
+                TokenLogprob(
+                    int(t),
+                    self._backend.token_bytes(int(t)).decode("utf-8", "replace"),
+                    float(values[t]),
+                )
+                for t in best
+            ],
+        )
+
     def _score(
         self,
         prompt: list[int],
         continuations: list[list[int]],
         bound: list[tuple[_LoadedAdapter, float]],
-    ) -> list[np.ndarray]:
-        """Log-probabilities of each continuation's tokens after ``prompt`` (see Backend.score)."""
+    ) -> list[float]:
+        """The log-probability of each continuation after ``prompt`` (see Backend.score)."""
         with self._exclusive():
             key = _adapter_key(bound)
             handles = [(loaded.handle, scale) for loaded, scale in bound]
@@ -635,6 +834,7 @@ class Engine:
         self._forget_cache()
         text = _TextAssembler(request.stop)
         generated: list[int] = []
+        logprobs: list[TokenLogprob] = []
         finish: FinishReason = "length"
         detail = limit_detail
         first_token_at: float | None = None
@@ -647,6 +847,11 @@ class Engine:
             prefill_s = time.perf_counter() - t_prefill
             self._cached_tokens = tokens
             self._cached_key = key
+            matcher = (
+                Matcher(request.constraint, self._vocabulary())
+                if request.constraint is not None
+                else None
+            )
             while len(generated) < limit:
                 if self._closed:
                     finish, detail = "cancelled", "the engine was closed"
@@ -654,17 +859,26 @@ class Engine:
                 if time.perf_counter() > deadline:
                     finish, detail = "timeout", f"timeout ({request.timeout} s) reached"
                     break
+                if matcher is not None and matcher.done:
+                    finish, detail = "stop", f"the output satisfies the {matcher.kind} constraint"
+                    break
                 if len(tokens) > n_ctx:  # the pending token would not fit: make room
                     truncated += self._shift(tokens, request.protected)
                 if self._threads is not None:
                     self._follow_free_cores()
-                token = backend.next_token()
+                token = backend.next_token(matcher.mask() if matcher is not None else None)
                 now = time.perf_counter()
                 if first_token_at is None:
                     first_token_at = now
+                if request.logprobs is not None:
+                    logprobs.append(self._logprob(token, request.logprobs))
                 if token in backend.info.eog_ids:
                     finish, detail = "stop", "end of generation token"
+                    if request.logprobs is not None:
+                        logprobs.pop()  # the end token is not part of the result
                     break
+                if matcher is not None:
+                    matcher.consume(token)
                 # Decode speed spans generated tokens only: a runtime that decodes ahead
                 # (LiteRT-LM) hands over its end token at once.
                 last_token_at = now
@@ -676,6 +890,8 @@ class Engine:
                 if hit is not None:
                     finish, detail = "stop", f"stop string {hit!r}"
                     break
+            if matcher is not None and finish == "length" and not matcher.satisfied:
+                detail = f"{detail} before the output satisfied the {matcher.kind} constraint"
             tail = text.finish(stopped=finish == "stop" and detail.startswith("stop string"))
             if tail:
                 yield tail
@@ -718,6 +934,7 @@ class Engine:
                     peak_rss_mb=peak_rss_mb(),
                     runtime=backend.runtime_stats(),
                 ),
+                logprobs=logprobs if request.logprobs is not None else None,
             )
         )
 
@@ -1096,6 +1313,14 @@ def load(
 def _adapter_key(bound: Sequence[tuple[_LoadedAdapter, float]]) -> tuple[tuple[int, float], ...]:
     """What the KV cache is keyed by: each adapter's load (not its name) and scale."""
     return tuple(sorted((loaded.uid, scale) for loaded, scale in bound))
+
+
+def _check_batch(prompts: object) -> list[Any]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InvalidParameterError(
+            f"prompts must be a list of prompts (text or token ids), got {type(prompts).__name__}"
+        )
+    return list(prompts)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

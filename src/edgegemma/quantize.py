@@ -11,16 +11,14 @@ llama.cpp, so ``models.lock`` pins its sha256 like any downloaded file.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from .builds import Progress, cached_build, sha256_file, tool_versions
 from .errors import ConversionError
 from .recipes import gguf_options
+from .stderr import captured_stderr
 from .threads import default_threads
 
 KIND = "gguf"
@@ -65,7 +63,7 @@ def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:
         ggml_type = getattr(ll, f"GGML_TYPE_{embedding.upper()}")
         params.token_embedding_type = ggml_type
         params.output_tensor_type = ggml_type
-    with _quiet_stderr() as log:
+    with captured_stderr() as log:
         status = ll.llama_model_quantize(
             str(source).encode(), str(out).encode(), ctypes.byref(params)
         )
@@ -78,20 +76,3 @@ def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:
 def _embedding(options: Mapping[str, str]) -> str | None:
     value = options.get("embedding", "recipe")
     return None if value == "recipe" else value
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[Callable[[], str]]:
-    """Collect what llama.cpp prints (a line per tensor) instead of showing it; yields a
-    function returning it, for an error message."""
-    captured: list[str] = []
-    with tempfile.TemporaryFile() as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lambda: "".join(captured)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", "replace"))

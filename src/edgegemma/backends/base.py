@@ -37,6 +37,9 @@ from ..sampling import OPTIONAL_SAMPLING, SamplingParams
 
 AdapterHandle = Any
 """Whatever a backend returns from :meth:`Backend.load_adapter`; only that backend reads it."""
+TokenMask = np.ndarray
+"""Allowed tokens as packed bits: int32 words, token ``t`` allowed when bit ``t % 32`` of word
+``t // 32`` is set (llguidance's bitmask layout)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,10 @@ class Features:
     sampling: frozenset[str] = field(default_factory=lambda: frozenset(OPTIONAL_SAMPLING))
     """The optional sampling controls it honours (see :data:`~edgegemma.sampling.OPTIONAL_SAMPLING`)."""
     score: bool = False
-    """:meth:`Backend.score` works: perplexity, and scoring a continuation."""
+    """:meth:`Backend.score` works: classification and perplexity."""
+    logits: bool = False
+    """The runtime's logits are visible: :meth:`Backend.next_token` takes a token mask
+    (constrained output) and :meth:`Backend.logits` gives the distribution (log-probabilities)."""
     adjustable_threads: bool = False
     """:meth:`Backend.set_threads` works: the engine then follows the free cores per call."""
 
@@ -135,8 +141,18 @@ class Backend(ABC):
         """Begin a sequence: evaluate ``tokens`` after the reusable prefix; return tokens reused."""
 
     @abstractmethod
-    def next_token(self) -> int:
-        """Sample the next token of the current sequence and append it."""
+    def next_token(self, mask: TokenMask | None = None) -> int:
+        """Sample the next token of the current sequence and append it.
+
+        ``mask`` (only given when ``features.logits``): the tokens allowed, a packed bit array
+        of int32 words (token ``t`` is allowed when bit ``t % 32`` of word ``t // 32`` is set);
+        the others get no probability.
+        """
+
+    def logits(self) -> np.ndarray:
+        """The logits the last token was chosen from (a vocabulary-sized float32 view, masked
+        where a mask was given). Only called when ``features.logits`` is true."""
+        raise NotImplementedError(f"{self.name} does not show its logits")
 
     def score(
         self,
@@ -145,13 +161,13 @@ class Backend(ABC):
         *,
         reuse: int,
         adapters: Sequence[tuple[AdapterHandle, float]],
-    ) -> list[np.ndarray]:
-        """Log-probability of each token of each continuation after ``prompt``.
+    ) -> list[float]:
+        """The log-probability (natural log) of each continuation after ``prompt``: the sum
+        over its tokens, each given the prompt and the continuation's tokens before it.
 
-        ``prompt`` is evaluated as :meth:`start` does (``reuse`` means the same), once; every
-        continuation branches from it. Afterwards the backend's sequence is ``prompt``.
-        Returns one float64 array per continuation, as long as it. Only called when
-        ``features.score`` is true.
+        ``prompt`` is evaluated as :meth:`start` does (``reuse`` means the same); continuations
+        branch from it. Afterwards the backend's sequence is ``prompt`` (or none, for a runtime
+        that keeps no KV cache between calls). Only called when ``features.score`` is true.
         """
         raise NotImplementedError(f"{self.name} cannot score token sequences")
 
@@ -174,3 +190,17 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the native model, context and adapters. Called once."""
+
+
+def apply_mask(logits: np.ndarray, mask: TokenMask) -> None:
+    """Give the tokens ``mask`` does not allow no probability (``-inf``), in place."""
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[: logits.size]
+    logits[allowed == 0] = -np.inf
+
+
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax of a vocabulary-sized vector, in float64 (float32 loses the small
+    probabilities of a 262k vocabulary)."""
+    values = logits.astype(np.float64)
+    top = values.max()
+    return values - top - np.log(np.exp(values - top).sum())

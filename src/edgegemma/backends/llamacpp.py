@@ -29,7 +29,15 @@ from ..errors import (
 )
 from ..gguffile import GGUFHeader, read_header
 from ..sampling import SamplingParams
-from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
+from .base import (
+    AdapterHandle,
+    Backend,
+    BackendOptions,
+    Features,
+    ModelInfo,
+    TokenMask,
+    apply_mask,
+)
 
 _N_CTX_STEP = 256
 """llama.cpp pads n_ctx to this multiple; asking for exactly that avoids surprises."""
@@ -101,7 +109,9 @@ def _reason(lines: list[str]) -> str:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     model_suffixes = (".gguf",)
-    features = Features(options=frozenset({"repack"}), score=True, adjustable_threads=True)
+    features = Features(
+        options=frozenset({"repack"}), score=True, logits=True, adjustable_threads=True
+    )
 
     def __init__(
         self, header: GGUFHeader, model: ll.llama_model_p, ctx: ll.llama_context_p, n_ctx: int
@@ -261,11 +271,13 @@ class LlamaCppBackend(Backend):
         self._new_sampler(sampling, tokens)
         return keep
 
-    def next_token(self) -> int:
+    def next_token(self, mask: TokenMask | None = None) -> int:
         if self._pending is not None:
             self._evaluate([self._pending])
             self._pending = None
         logits = self._last_logits()
+        if mask is not None:
+            apply_mask(logits, mask)  # in llama.cpp's own buffer: its sampler sees it too
         if self._greedy:
             token = int(logits.argmax())
         else:
@@ -283,13 +295,13 @@ class LlamaCppBackend(Backend):
         *,
         reuse: int,
         adapters: Sequence[tuple[AdapterHandle, float]],
-    ) -> list[np.ndarray]:
+    ) -> list[float]:
         self.start(prompt, reuse=reuse, adapters=adapters, sampling=_GREEDY)
         last = self._last_logits()[None, :].copy()
         scores = []
         base = self._n_past
         for continuation in continuations:
-            values = np.empty(len(continuation), dtype=np.float64)
+            values = np.zeros(len(continuation), dtype=np.float64)
             if len(continuation):
                 values[:1] = _log_probs(last, np.asarray(continuation[:1]))
             done = 1
@@ -305,8 +317,11 @@ class LlamaCppBackend(Backend):
             if self._n_past > base:
                 ll.llama_memory_seq_rm(self._memory, 0, base, -1)
                 self._n_past = base
-            scores.append(values)
+            scores.append(float(values.sum()))
         return scores
+
+    def logits(self) -> np.ndarray:
+        return self._last_logits()
 
     def _last_logits(self) -> np.ndarray:
         """A view (no copy) of the logits of the last evaluated token."""

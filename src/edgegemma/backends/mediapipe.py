@@ -30,14 +30,13 @@ import atexit
 import contextlib
 import hashlib
 import itertools
-import os
 import queue
 import random
 import tempfile
 import threading
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +57,9 @@ from ..errors import (
 from ..locations import home
 from ..recipes import LITERT_FILES, litert_options
 from ..sampling import SamplingParams
+from ..stderr import captured_stderr
 from ..tflitefile import LoraSpec, TfliteFacts, inspect_model
-from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
+from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo, TokenMask
 
 _LORA_FILES_KEPT = 4
 """LoRA files kept for sets of adapters with scales (~6 MB each at rank 16 for this model)."""
@@ -81,7 +81,7 @@ class MediaPipeBackend(Backend):
     name = "mediapipe"
     model_suffixes = (".litertlm", ".task")
     # LiteRT-LM's session sampler has top-k, top-p, temperature and a seed, nothing else.
-    features = Features(sampling=frozenset())
+    features = Features(sampling=frozenset(), score=True)
 
     def __init__(self, path: Path, facts: TfliteFacts, n_ctx: int, n_threads: int):
         self._path = path
@@ -145,7 +145,7 @@ class MediaPipeBackend(Backend):
         litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
         lora = self._facts.lora
         try:
-            with _native_stderr() as reason:
+            with captured_stderr() as log:
                 return litert_lm.Engine(
                     str(self._path),
                     backend=litert_lm.Backend.CPU(thread_count=self._n_threads),
@@ -158,7 +158,7 @@ class MediaPipeBackend(Backend):
                 )
         except RuntimeError as exc:
             raise ModelError(
-                f"LiteRT-LM could not load {self._path.name}: {reason() or exc}"
+                f"LiteRT-LM could not load {self._path.name}: {_runtime_errors(log()) or exc}"
             ) from None
 
     def _find_byte_tokens(self) -> int | None:
@@ -259,6 +259,59 @@ class MediaPipeBackend(Backend):
     ) -> int:
         self._stop()
         self._runtime = {}
+        session = self._prefilled_session(tokens, adapters, sampling)
+        info = session.get_benchmark_info()
+        self._runtime = {
+            "init_s": info.init_time_in_second,
+            "prefill_tokens": float(info.last_prefill_token_count),
+            "prefill_tps": info.last_prefill_tokens_per_second,
+        }
+        self._generation = _Generation(session)
+        return 0
+
+    def score(
+        self,
+        prompt: Sequence[int],
+        continuations: Sequence[Sequence[int]],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+    ) -> list[float]:
+        # LiteRT-LM scores a text after a prefill (Session.run_text_scoring), one target per
+        # session: scoring appends the target to the session's context. So each continuation
+        # gets a session of its own, prefilled with the prompt: exact, one prefill per label.
+        self._stop()
+        scores = []
+        for continuation in continuations:
+            text = self._text(continuation)
+            if text is None or self.tokenize(text) != list(continuation):
+                raise InvalidParameterError(
+                    f"token ids {list(continuation)[:8]} do not spell text that LiteRT-LM "
+                    "tokenizes back to them; it scores text"
+                )
+            session = self._prefilled_session(prompt, adapters, SamplingParams())
+            try:
+                found = session.run_text_scoring([text], store_token_lengths=True)
+            except RuntimeError as exc:
+                raise EdgeGemmaError(f"LiteRT-LM could not score {text!r}: {exc}") from None
+            finally:
+                session.close()
+            lengths = list(getattr(found, "token_lengths", []) or [])
+            if lengths and lengths[0] != len(continuation):
+                raise EdgeGemmaError(
+                    f"LiteRT-LM scored {lengths[0]} tokens of {text!r}, edgegemma asked for "
+                    f"{len(continuation)}"
+                )
+            scores.append(float(found.scores[0]))
+        return scores
+
+    def _prefilled_session(
+        self,
+        tokens: Sequence[int],
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> litert_lm.Session:
+        """A new session with the sampler and the LoRA of the call, prefilled with ``tokens``."""
         bos = self.info.bos_id
         if bos is not None and (not tokens or tokens[0] != bos):
             raise InvalidParameterError(
@@ -295,16 +348,9 @@ class MediaPipeBackend(Backend):
         except RuntimeError as exc:
             session.close()
             raise EdgeGemmaError(f"LiteRT-LM failed to prefill the prompt: {exc}") from None
-        info = session.get_benchmark_info()
-        self._runtime = {
-            "init_s": info.init_time_in_second,
-            "prefill_tokens": float(info.last_prefill_token_count),
-            "prefill_tps": info.last_prefill_tokens_per_second,
-        }
-        self._generation = _Generation(session)
-        return 0
+        return session
 
-    def next_token(self) -> int:
+    def next_token(self, mask: TokenMask | None = None) -> int:
         while not self._pending:
             if self._generation is None:
                 raise EdgeGemmaError("no sequence has been started")
@@ -469,26 +515,14 @@ def _close_open_generations() -> None:
         generation.close()
 
 
-@contextlib.contextmanager
-def _native_stderr() -> Iterator[Callable[[], str]]:
-    """Capture what the runtime writes to stderr (the only place it explains a failure).
-
-    Yields a function that returns the captured error lines; the lines are not shown.
-    """
-    captured: list[str] = []
-    with tempfile.TemporaryFile() as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lambda: "; ".join(captured)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode("utf-8", "replace").splitlines():
-                line = line.strip()
-                if line[:1] in ("E", "F") and "] " in line and "supported_lora_ranks" not in line:
-                    captured.append(line.split("] ", 1)[1])
+def _runtime_errors(text: str) -> str:
+    """The error lines of LiteRT-LM's log (``E0000 ... file.cc:12] message``), messages only."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line[:1] in ("E", "F") and "] " in line and "supported_lora_ranks" not in line:
+            found.append(line.split("] ", 1)[1])
+    return "; ".join(found)
 
 
 def _cache_dir(model: Path) -> Path:

@@ -41,7 +41,16 @@ from ..errors import (
 )
 from ..recipes import ONNX_OPTIONS, onnx_options
 from ..sampling import SamplingParams
-from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
+from .base import (
+    AdapterHandle,
+    Backend,
+    BackendOptions,
+    Features,
+    ModelInfo,
+    TokenMask,
+    apply_mask,
+    log_probs,
+)
 
 CONFIG_FILE = "genai_config.json"
 
@@ -64,7 +73,7 @@ class _Adapter:
 
 class OnnxBackend(Backend):
     name = "onnx"
-    features = Features(options=frozenset(ONNX_OPTIONS))
+    features = Features(options=frozenset(ONNX_OPTIONS), score=True, logits=True)
 
     def __init__(self, path: Path, model: og.Model, config: dict, n_ctx: int, max_length: int):
         self._path = path
@@ -82,6 +91,7 @@ class OnnxBackend(Backend):
         self._active: str | None = None  # runtime adapter name of the current generator
         self._evaluated: list[int] = []
         self._pending: int | None = None
+        self._logits: np.ndarray | None = None
         self._sampler: _Sampler | None = None
         facts = config["model"]
         eos = facts.get("eos_token_id", [])
@@ -264,12 +274,14 @@ class OnnxBackend(Backend):
         self._sampler = _Sampler(sampling, tokens)
         return keep
 
-    def next_token(self) -> int:
+    def next_token(self, mask: TokenMask | None = None) -> int:
         if self._pending is not None:
             self._append([self._pending])
             self._pending = None
         assert self._generator is not None and self._sampler is not None
-        logits = self._generator.get_logits().reshape(-1)
+        logits = self._logits = self._generator.get_logits().reshape(-1)
+        if mask is not None:
+            apply_mask(logits, mask)
         token = self._sampler.sample(logits)
         if not math.isfinite(logits[token]):  # all-NaN logits pick token 0 and read as "length"
             raise NumericalError(
@@ -278,6 +290,39 @@ class OnnxBackend(Backend):
             )
         self._pending = token
         return token
+
+    def logits(self) -> np.ndarray:
+        assert self._logits is not None
+        return self._logits
+
+    def score(
+        self,
+        prompt: Sequence[int],
+        continuations: Sequence[Sequence[int]],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+    ) -> list[float]:
+        # The graph gives the last position's logits only: a continuation is scored a token
+        # at a time, then the sequence is rewound to the prompt for the next one.
+        self.start(prompt, reuse=reuse, adapters=adapters, sampling=SamplingParams())
+        assert self._generator is not None
+        first = self._generator.get_logits().reshape(-1).copy()
+        base = len(self._evaluated)
+        scores = []
+        for continuation in continuations:
+            total, logits = 0.0, first
+            for i, token in enumerate(continuation):
+                total += float(log_probs(logits)[token])
+                if i + 1 < len(continuation):
+                    self._append([token])
+                    logits = self._generator.get_logits().reshape(-1)
+            if len(self._evaluated) > base and not self._rewind(base):
+                adapter = self._active
+                self._new_generator(adapter)
+                self._append(list(prompt))
+            scores.append(total)
+        return scores
 
     def shift(self, keep: int, discard: int) -> None:
         kept = self._evaluated[:keep] + self._evaluated[keep + discard :]

@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import AdapterError
 from ..sampling import OPTIONAL_SAMPLING, SamplingParams
-from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo
+from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo, TokenMask
 
 BOS = 256
 EOS = 257
@@ -144,7 +142,7 @@ class ScriptedBackend(Backend):
         self._pending = answer + [EOS] if self._end else answer * 1000 or [EOS]
         return keep
 
-    def next_token(self) -> int:
+    def next_token(self, mask: TokenMask | None = None) -> int:
         if self._delay:
             time.sleep(self._delay)
         token = self._pending.pop(0) if self._pending else EOS
@@ -158,11 +156,11 @@ class ScriptedBackend(Backend):
         *,
         reuse: int,
         adapters: Sequence[tuple[AdapterHandle, float]],
-    ) -> list[np.ndarray]:
+    ) -> list[float]:
         """Each token's log-probability is -1 - (its id % 7) / 7: deterministic and easy to check."""
         self.start(prompt, reuse=reuse, adapters=adapters, sampling=SamplingParams())
         self._pending = []
-        return [np.array([-1.0 - (t % 7) / 7 for t in c], dtype=np.float64) for c in continuations]
+        return [float(sum(-1.0 - (t % 7) / 7 for t in c)) for c in continuations]
 
     def shift(self, keep: int, discard: int) -> None:
         self.calls.append(Call("shift", {"keep": keep, "discard": discard}))

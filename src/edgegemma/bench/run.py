@@ -221,6 +221,50 @@ def measure_task(engine: Any, task: Task, plan: Plan, adapter: str | None) -> di
     return row
 
 
+def measure_classify(
+    engine: Any, task: Task, plan: Plan, adapter: str | None
+) -> dict[str, Any] | None:
+    """The task as a classification (one prefill, each label scored), then all of it at once
+    with ``classify_many``: accuracy, latency and throughput next to the generate path."""
+    labels = task.labels
+    if labels is None or not engine.features.score:
+        return None
+    adapters = {adapter: 1.0} if adapter else None
+    prompts = [example.prompt_for(adapter) for example in task.examples]
+    for prompt in prompts[: plan.warmup]:
+        engine.classify(prompt, labels, adapters=adapters)
+    latencies, correct = [], 0
+    for prompt, example in zip(prompts, task.examples):
+        started = time.perf_counter()
+        found = engine.classify(prompt, labels, adapters=adapters)
+        latencies.append(time.perf_counter() - started)
+        correct += is_correct(found.label, example.expected)
+    started = time.perf_counter()
+    engine.classify_many(prompts, labels, adapters=adapters)
+    batch_s = time.perf_counter() - started
+    progress(
+        plan.label,
+        f"{task.name} classify{_adapter_note(adapter)}: {correct}/{len(prompts)} correct",
+    )
+    summary = summarize(latencies).to_dict()
+    return {
+        "workload": f"{task.name} (classify)",
+        "kind": "task",
+        "adapter": adapter,
+        "requests": len(prompts),
+        "prompt_tokens": None,
+        "completion_tokens": 0,
+        "prefill_tps": None,
+        "decode_tps": None,
+        "ttft_s": summary,
+        "latency_s": summary,
+        "accuracy": correct / len(prompts),
+        "correct": correct,
+        "notes": [f"classify_many: {len(prompts) / batch_s:.1f} requests/s"],
+        "batch_requests_per_s": len(prompts) / batch_s,
+    }
+
+
 def measure_adapter_swap(
     engine: Any, name: str, path: str, prompt: str | list[int], plan: Plan
 ) -> dict[str, Any]:
@@ -310,6 +354,9 @@ def _run_engine(plan: Plan, result: dict[str, Any]) -> None:
                 )
             for task in tasks:
                 result["results"].append(measure_task(engine, task, plan, adapter))
+                classified = measure_classify(engine, task, plan, adapter)
+                if classified is not None:
+                    result["results"].append(classified)
         swap_prompt: str | list[int] = (
             tasks[0].examples[0].prompt
             if tasks

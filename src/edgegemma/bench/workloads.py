@@ -70,6 +70,9 @@ class Task:
     source: str
     """The shipped name or the path it was read from."""
     examples: tuple[TaskExample, ...]
+    labels: list[str] | None = None
+    """The answers as labels to classify into (leading space, as they follow a prompt), when
+    the whole task (before ``--task-limit``) is a choice among 2 to 16 distinct answers."""
 
 
 Workload = Synthetic | Task
@@ -119,9 +122,11 @@ def load_task(spec: str, *, limit: int | None = None) -> Task:
     )
     if not examples:
         raise InvalidParameterError(f"task workload {spec} has no examples")
+    answers = sorted({normalize_label(e.expected) for e in examples})
+    labels = [f" {a}" for a in answers] if 1 < len(answers) <= 16 and all(answers) else None
     if limit is not None:
         examples = examples[:limit]
-    return Task(name=name, source=spec, examples=examples)
+    return Task(name=name, source=spec, examples=examples, labels=labels)
 
 
 def _parse_line(spec: str, number: int, line: str) -> TaskExample:

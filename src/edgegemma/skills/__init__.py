@@ -91,6 +91,11 @@ SKILLS: dict[str, Skill] = {
 """The shipped skills by name."""
 GENERATION: dict[str, dict[str, Any]] = {name: skill.generation for name, skill in SKILLS.items()}
 """``generate`` settings of each skill, by name."""
+LABELS: dict[str, list[str]] = {
+    name: [f" {label}" for label in skill.labels] for name, skill in SKILLS.items() if skill.labels
+}
+"""The labels of each classification skill as ``Engine.classify`` takes them (with the leading
+space the answer has after the prompt)."""
 
 sensor_prompt = sensor.prompt
 emoji_prompt = emoji.prompt
@@ -213,13 +218,17 @@ def evaluate(
     adapter: str | None,
     split: str = "test",
     limit: int | None = None,
+    classify: bool = False,
 ) -> Evaluation:
     """Run ``skill``'s examples through ``engine`` and score the answers.
 
     With ``adapter`` (the name of an adapter loaded into the engine) the prompts are the
     skill's own; with ``adapter=None`` the base model gets the few-shot prompt instead.
-    ``limit`` takes an evenly spread subset of that many examples.
+    ``limit`` takes an evenly spread subset of that many examples. ``classify=True`` (skills
+    with labels) asks :meth:`~edgegemma.Engine.classify` instead of generating the answer.
     """
+    if classify and skill not in LABELS:
+        raise InvalidParameterError(f"the {skill} skill has no labels to classify into")
     chosen = examples(skill, split)
     if limit is not None and limit < len(chosen):
         chosen = [chosen[i * len(chosen) // limit] for i in range(limit)]
@@ -232,7 +241,10 @@ def evaluate(
         text = (
             example.prompt if adapter is not None else few_shot_prompt(skill, example.input, shots)
         )
-        answer = engine.generate(text, adapters=adapters, **record.generation).text
+        if classify:
+            answer = engine.classify(text, LABELS[skill], adapters=adapters).label
+        else:
+            answer = engine.generate(text, adapters=adapters, **record.generation).text
         answers.append(answer)
         correct += record.is_correct(answer, example)
         overlap += record.overlap(answer, example) if record.overlap is not None else 0.0

@@ -1,0 +1,169 @@
+"""Constrained output: choices, a regular expression or a JSON schema, as token masks.
+
+One mechanism for every backend that shows its logits: llguidance (the engine llama.cpp and
+ONNX Runtime GenAI use themselves) compiles the constraint against the backend's own
+vocabulary -- the bytes of every token, as the backend renders them -- and before each token
+computes which tokens keep the output valid. The backend applies that mask in its sampling
+step (:meth:`edgegemma.backends.base.Backend.next_token`), so greedy and sampled decoding,
+with any temperature, top-k or top-p, only ever pick tokens the constraint allows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A compiled-to-grammar constraint (not yet bound to a vocabulary)."""
+
+    kind: str
+    """``choices``, ``regex`` or ``json_schema``."""
+    grammar: str
+    """llguidance's grammar for it."""
+
+
+def make_constraint(
+    choices: Sequence[str] | None, regex: str | None, json_schema: object | None
+) -> Constraint | None:
+    """The constraint a call asks for (at most one of the three), checked; None for none."""
+    import llguidance
+
+    given = [name for name, value in (("choices", choices), ("regex", regex),
+                                      ("json_schema", json_schema)) if value is not None]  # fmt: skip
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidParameterError(f"give one constraint, not {' and '.join(given)}")
+    kind = given[0]
+    if kind == "choices":
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
+            raise InvalidParameterError(
+                f"choices must be a non-empty list of strings, got {choices!r}"
+            )
+        if not all(isinstance(c, str) and c for c in choices):
+            raise InvalidParameterError("every choice must be a non-empty string")
+        lark = "start: " + " | ".join(json.dumps(c) for c in dict.fromkeys(choices))
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    elif kind == "regex":
+        if not isinstance(regex, str) or not regex:
+            raise InvalidParameterError(f"regex must be a non-empty string, got {regex!r}")
+        grammar = llguidance.LLMatcher.grammar_from_regex(regex)
+    else:
+        schema = _schema(json_schema)
+        try:
+            # Compact JSON: with free whitespace a small model can wander in blank lines until
+            # max_tokens runs out (seen: 60 tokens of newlines between two keys).
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema,
+                defaults={
+                    "whitespace_flexible": False,
+                    "item_separator": ", ",
+                    "key_separator": ": ",
+                },
+            )
+        except (ValueError, TypeError) as exc:
+            raise InvalidParameterError(f"json_schema is not a usable JSON schema: {exc}") from None
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem and not problem.startswith("WARNING"):
+        raise InvalidParameterError(f"the {kind.replace('_', ' ')} cannot be used: {problem}")
+    return Constraint(kind, grammar)
+
+
+def _schema(value: object) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidParameterError(f"json_schema is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidParameterError(f"json_schema must be a JSON object (a dict), got {value!r}")
+    return value
+
+
+class Vocabulary:
+    """A backend's vocabulary as llguidance sees it: built once per engine (~1 s for 262k tokens)."""
+
+    def __init__(
+        self,
+        token_bytes: Callable[[int], bytes],
+        tokenize: Callable[[str], list[int]],
+        *,
+        vocab_size: int,
+        bos_id: int | None,
+        eog_ids: frozenset[int],
+    ):
+        import llguidance
+
+        tokens, special = [], []
+        for token in range(vocab_size):
+            data = token_bytes(token)
+            if not data:
+                # A token that stands for no text (BOS, EOS, control tokens): llguidance names
+                # special tokens with a leading 0xFF byte, which no text token starts with.
+                data = b"\xff<special-%d>" % token
+                special.append(token)
+            tokens.append(data)
+
+        class _Source:
+            eos_token_id = min(eog_ids) if eog_ids else 0
+            bos_token_id = bos_id
+            special_token_ids = special
+
+            def __call__(self, text: bytes | str) -> list[int]:
+                return tokenize(
+                    text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+                )
+
+        source = _Source()
+        source.tokens = tokens  # type: ignore[attr-defined]  # read by TokenizerWrapper
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(source), n_vocab=vocab_size, eos_token=sorted(eog_ids)
+        )
+
+
+class Matcher:
+    """One generation's progress through a constraint."""
+
+    def __init__(self, constraint: Constraint, vocabulary: Vocabulary):
+        import llguidance
+        import llguidance.numpy
+
+        self._numpy = llguidance.numpy
+        self._matcher = llguidance.LLMatcher(vocabulary.tokenizer, constraint.grammar, log_level=0)
+        if self._matcher.is_error():
+            raise InvalidParameterError(
+                f"the constraint cannot be used: {self._matcher.get_error()}"
+            )
+        self._mask = self._numpy.allocate_token_bitmask(1, vocabulary.vocab_size)
+        self.kind = constraint.kind
+
+    def mask(self) -> np.ndarray:
+        """The tokens allowed next (packed bits; see :data:`~edgegemma.backends.base.TokenMask`)."""
+        self._numpy.fill_next_token_bitmask(self._matcher, self._mask, 0)
+        mask: np.ndarray = self._mask[0]
+        return mask
+
+    def consume(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            raise InvalidParameterError(
+                f"the constraint refused token {token}: {self._matcher.get_error()}"
+            )
+
+    @property
+    def done(self) -> bool:
+        """Whether the output is complete: nothing but an end token may follow."""
+        return bool(self._matcher.is_stopped())
+
+    @property
+    def satisfied(self) -> bool:
+        """Whether the output so far is a complete match (it could end here)."""
+        return bool(self._matcher.is_accepting())

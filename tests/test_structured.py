@@ -1,0 +1,189 @@
+"""Classify, constrained output and logprobs, on the real model, on every backend that can."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import pytest
+from conftest import PROMPT
+from test_hostile import BACKENDS, engines  # noqa: F401 (a fixture)
+
+import edgegemma
+from edgegemma import BackendUnavailableError, ContextOverflowError, InvalidParameterError, skills
+
+LOGITS = ["llamacpp", "onnx"]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "country": {"type": "string", "maxLength": 12},
+        "size": {"enum": ["small", "medium", "large"]},
+        "capital": {"type": "boolean"},
+    },
+    "required": ["city", "country", "size", "capital"],
+    "additionalProperties": False,
+}
+LABELS = [" normal", " warning", " critical"]
+
+
+@pytest.fixture
+def opened(engines, backend):  # noqa: F811 (engines is the imported fixture)
+    """(engine on ``backend``, its greedy 8 tokens of PROMPT)."""
+    return engines(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classify_scores_every_label_after_one_prompt(opened, backend):
+    engine, reference = opened
+    found = engine.classify("The capital of France is", [" Paris", " the", " banana"])
+    assert set(found.scores) == {" Paris", " the", " banana"}
+    assert math.isclose(sum(found.scores.values()), 1.0, rel_tol=1e-9)
+    assert found.label == max(found.scores, key=found.scores.get)
+    assert found.scores[" banana"] < found.scores[" the"]
+    for label, value in found.logprobs.items():
+        assert value < 0 and math.isfinite(value), label
+    # A label of several tokens is the sum over its tokens.
+    several = engine.classify("The capital of France is", [" the capital city", " the"])
+    assert several.logprobs[" the capital city"] < several.logprobs[" the"]
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classify_with_the_sensor_skill(opened, backend, gguf_path):
+    engine, reference = opened
+    engine.load_adapter("sensor", skills.adapter_path("sensor", backend, model=str(gguf_path)))
+    try:
+        examples = skills.examples("sensor", "test")[:12]
+        correct = 0
+        for example in examples:
+            found = engine.classify(example.prompt, LABELS, adapters={"sensor": 1.0})
+            correct += found.label.strip() == example.completion.strip()
+        assert correct >= 10, correct
+        many = engine.classify_many(
+            [e.prompt for e in examples[:3]], LABELS, adapters={"sensor": 1.0}
+        )
+        assert [m.label for m in many] == [
+            engine.classify(e.prompt, LABELS, adapters={"sensor": 1.0}).label for e in examples[:3]
+        ]
+    finally:
+        engine.unload_adapter("sensor")
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+HOSTILE_LABELS = [
+    ("no labels", [], InvalidParameterError),
+    ("a string, not a list", " normal", InvalidParameterError),
+    ("duplicates", [" a", " a"], InvalidParameterError),
+    ("a label of no tokens", [" a", ""], InvalidParameterError),
+    ("not strings", [" a", 3], InvalidParameterError),
+    ("longer than the context", [" a", " word" * 2000], ContextOverflowError),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("case", "labels", "error"), HOSTILE_LABELS, ids=[c[0] for c in HOSTILE_LABELS]
+)
+def test_hostile_labels(opened, backend, case, labels, error):
+    engine, reference = opened
+    with pytest.raises(error):
+        engine.classify(PROMPT, labels)
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", LOGITS)
+def test_choices_and_regex_give_valid_output(opened, backend):
+    engine, reference = opened
+    for temperature in (0.0, 1.0):
+        found = engine.generate(
+            PROMPT,
+            max_tokens=8,
+            choices=[" Paris", " London", " a city"],
+            temperature=temperature,
+            seed=3,
+        )
+        assert found.text in (" Paris", " London", " a city") and found.finish_reason == "stop"
+    found = engine.generate("Reading: temp=", max_tokens=12, regex=r"[0-9]{2}\.[0-9]C")
+    assert found.finish_reason == "stop"
+    assert len(found.text) == 5 and found.text[2] == "." and found.text.endswith("C")
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", LOGITS)
+def test_json_schema_output_parses_and_validates(opened, backend):
+    engine, reference = opened
+    prompts = ["Paris as JSON:", "A city:", "{", "Describe Tokyo in JSON.", "Data:"]
+    for i, prompt in enumerate(prompts * 2):
+        found = engine.generate(
+            prompt, max_tokens=60, json_schema=SCHEMA, temperature=0.0 if i < 5 else 0.9, seed=i
+        )
+        assert found.finish_reason == "stop", (found.text, found.finish_detail)
+        jsonschema.validate(json.loads(found.text), SCHEMA)
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", LOGITS)
+def test_an_unfinishable_constraint_says_so(opened, backend):
+    engine, reference = opened
+    found = engine.generate(PROMPT, max_tokens=3, json_schema=SCHEMA)
+    assert found.finish_reason == "length"
+    assert "before the output satisfied the json_schema constraint" in found.finish_detail
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"regex": "(unclosed"}, "cannot be used|regex"),
+        ({"json_schema": "{not json"}, "not JSON"),
+        ({"json_schema": ["a list"]}, "JSON object"),
+        ({"json_schema": {"type": "frobnicate"}}, "json_schema|cannot be used|schema"),
+        ({"choices": []}, "non-empty list"),
+        ({"choices": ["a", ""]}, "non-empty string"),
+        ({"choices": ["a"], "regex": "a"}, "one constraint"),
+        ({"logprobs": -1}, "logprobs must be"),
+        ({"logprobs": 21}, "logprobs must be"),
+    ],
+)
+def test_bad_constraints_are_specific_errors(opened, backend, kwargs, message):
+    engine, reference = opened
+    with pytest.raises(InvalidParameterError, match=message):
+        engine.generate(PROMPT, max_tokens=4, **kwargs)
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", ["mediapipe"])
+def test_mediapipe_refuses_what_needs_logits(opened, backend):
+    engine, _ = opened
+    with pytest.raises(BackendUnavailableError, match="no logits.*constrained output"):
+        engine.generate(PROMPT, max_tokens=4, choices=["a", "b"])
+    with pytest.raises(BackendUnavailableError, match="no logits.*logprobs"):
+        engine.generate(PROMPT, max_tokens=4, logprobs=2)
+
+
+@pytest.mark.parametrize("backend", LOGITS)
+def test_logprobs_are_the_chosen_tokens_and_their_alternatives(opened, backend):
+    engine, reference = opened
+    found = engine.generate(PROMPT, max_tokens=8, logprobs=3)
+    assert found.token_ids == reference
+    assert [lp.token for lp in found.logprobs] == found.token_ids
+    for lp in found.logprobs:
+        assert len(lp.top) == 3 and lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+        assert lp.top[0].token == lp.token  # greedy: the chosen token is the most likely
+        assert lp.logprob <= 0
+    assert "".join(lp.text for lp in found.logprobs) == found.text
+    assert engine.generate(PROMPT, max_tokens=8).logprobs is None
+
+
+def test_generate_many_equals_one_call_each(engine):
+    prompts = [PROMPT, "Once upon a time", [2, 818, 5279]]
+    many = engine.generate_many(prompts, max_tokens=6)
+    assert [r.token_ids for r in many] == [
+        engine.generate(p, max_tokens=6).token_ids for p in prompts
+    ]
+    with pytest.raises(InvalidParameterError, match="list of prompts"):
+        engine.generate_many("one string", max_tokens=2)
+    assert isinstance(edgegemma.Classification, type)
