@@ -7,12 +7,19 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "edgegemma needs Python 3.11+"'
 
-# The bench's ssh target is tested against a real sshd on localhost.
-if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
+# For the tests only: the bench's ssh target is tested against a real sshd on localhost, and
+# its device paths against arm64 builds run under qemu-user (docs/devices.md).
+test_packages=""
+for need in sshd:openssh-server ssh:openssh-client qemu-aarch64-static:qemu-user-static \
+    aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+    debootstrap:debootstrap cmake:cmake; do
+    command -v "${need%%:*}" >/dev/null || [ -x "/usr/sbin/${need%%:*}" ] || test_packages="$test_packages ${need#*:}"
+done
+if [ -n "$test_packages" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $test_packages >/dev/null
     else
-        echo "note: install openssh-server (sshd) for the bench's ssh-target test" >&2
+        echo "note: the test suite also needs:$test_packages (Debian package names)" >&2
     fi
 fi
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import arm64_python
 import jsonschema
 import pytest
 
@@ -133,3 +134,43 @@ def test_remote_without_edgegemma_is_a_clear_error(sshd, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "the remote harness exited with 127" in err and "/nonexistent/python3" in err
+
+
+def test_a_pi_shaped_arm64_target_runs_the_engine_and_reports_board_and_emulation(
+    sshd, gguf_path, tmp_path, capsys
+):
+    """The harness over ssh on an arm64 Python (Debian bookworm's, as on Raspberry Pi OS)
+    under qemu-user, with llama-cpp-python over llama.cpp cross-built for arm64 and
+    llama.cpp's own llama-bench: tests/arm64_python.py says what is real and what is not."""
+    sys.path.insert(0, str(Path(__file__).parent / "adb_standin"))
+    try:
+        from build_llama_tools import arm64_libraries, arm64_tools
+    finally:
+        sys.path.pop(0)
+    remote_python = arm64_python.launcher(tmp_path, libraries=arm64_libraries())
+    llama_bench = arm64_python.emulated_tool(arm64_tools()["llama-bench"], tmp_path)
+    target, options = sshd
+    args = _ssh_args(target, options)
+    args[args.index("--remote-python") + 1] = str(remote_python)
+    out = tmp_path / "pi.json"
+    code = cli.main([
+        *args, "--backend", "llamacpp", "--model", str(gguf_path), "--llama-bench", str(llama_bench),
+        "-p", "0", "-n", "4", "-r", "1", "--warmup", "0", "--task", "none", "--no-baseline",
+        "-t", "2", "--n-ctx", "256", "--json", str(out),
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    found = json.loads(out.read_text())
+    jsonschema.validate(found, schema.SCHEMA)
+    host = found["host"]
+    assert (host["machine"], host["python"]) == ("aarch64", "3.11.2")
+    assert host["board"] == "Raspberry Pi 5 Model B Rev 1.0"
+    assert host["cores"] == os.cpu_count() and host["ram_mb"] > 0 and host["cpu"]
+    assert host["emulated"].startswith("aarch64 code on an x86-64 CPU")
+    assert host["libraries"]["llama-cpp-python"]  # the binding, found by version on the "Pi"
+    engine, reference = found["runs"]
+    assert (engine["runner"], reference["runner"]) == ("engine", "llama-bench")
+    for run in (engine, reference):
+        assert run["error"] is None
+        assert [row["workload"] for row in run["results"]] == ["tg4"]
+    assert "Raspberry Pi 5 Model B Rev 1.0" in captured.out and "EMULATED" in captured.out

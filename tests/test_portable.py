@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -30,3 +31,33 @@ def test_every_module_imports_without_posix_only_modules():
     )
     assert found.returncode == 0, found.stderr[-3000:]
     assert int(found.stdout.strip()) > 40
+
+
+BACKEND_MISSING = """
+import sys
+for name in ("onnxruntime_genai", "litert_lm", "llama_cpp"):
+    sys.modules[name] = None  # not installed: no wheel on this platform, say
+from edgegemma.backends import get_backend
+from edgegemma.errors import BackendUnavailableError
+for backend in ("onnx", "mediapipe", "llamacpp"):
+    try:
+        get_backend(backend)
+    except BackendUnavailableError as exc:
+        print(exc)
+"""
+
+
+def test_a_backend_without_its_runtime_names_the_platform_and_the_install():
+    found = subprocess.run(
+        [sys.executable, "-c", BACKEND_MISSING],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    onnx, mediapipe, llamacpp = found.stdout.strip().splitlines()
+    here = f"{platform.system()} {platform.machine()} machine"
+    assert here in onnx and "pip install 'edgegemma[onnx]'" in onnx
+    assert here in mediapipe and "pip install 'edgegemma[mediapipe]'" in mediapipe
+    assert here in llamacpp and "pip install llama-cpp-python==0.3.36" in llamacpp
+    assert "platform table" in llamacpp

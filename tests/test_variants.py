@@ -100,6 +100,36 @@ def test_lock_entries_of_variants_are_checked(tmp_path, monkeypatch):
             models.read_lock()
 
 
+@pytest.mark.parametrize(
+    ("system", "machine", "pinned"),
+    [("linux", "x86_64", "x86"), ("win32", "AMD64", "x86"), ("linux", "aarch64", "arm"),
+     ("darwin", "arm64", None), ("linux", "riscv64", None)],
+)  # fmt: skip
+def test_a_variant_is_pinned_per_cpu_architecture(system, machine, pinned, monkeypatch):
+    """The quantizer's bytes differ on aarch64 (fused multiply-adds): each has its own pin,
+    and a platform without one takes the build of the verified base as made."""
+    entry = models.read_lock()["gemma3-270m-embed-iq4_nl"]
+    assert entry.sha256 and entry.sha256_aarch64 and entry.sha256 != entry.sha256_aarch64
+    monkeypatch.setattr(models.sys, "platform", system)
+    monkeypatch.setattr(models.platform, "machine", lambda: machine)
+    expected = {
+        "x86": (entry.sha256, entry.size),
+        "arm": (entry.sha256_aarch64, entry.size_aarch64),
+    }
+    assert entry.build_pin() == expected.get(pinned, (None, None))
+
+
+def test_an_aarch64_pin_is_checked_like_any_other(tmp_path, monkeypatch):
+    lock, original = tmp_path / "models.lock", models.lock_path().read_text()
+    monkeypatch.setenv("EDGEGEMMA_LOCK", str(lock))
+    lock.write_text(original.replace('sha256_aarch64 = "', 'sha256_aarch64 = "x', 1))
+    with pytest.raises(ModelError, match="sha256_aarch64 must be 64 hex digits"):
+        models.read_lock()
+    lock.write_text(original.replace('repo = "', f'sha256_aarch64 = "{"0" * 64}"\nrepo = "', 1))
+    with pytest.raises(ModelError, match="unknown key.* sha256_aarch64"):
+        models.read_lock()
+
+
 def test_convert_to_gguf_builds_the_same_file_as_the_lock_entry(default_path, gguf_path, capsys):
     argv = [str(gguf_path), "--to", "gguf", "--quant", "q4_k_m", "--embedding", "iq4_nl"]
     assert cli.main(["convert", *argv]) == 0

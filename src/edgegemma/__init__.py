@@ -7,8 +7,10 @@ with edgegemma.load("gemma3-270m") as engine:
 
 from .backends import available_backends
 from .backends.base import Backend, BackendOptions, Features, ModelInfo
+from .chat import ChatTemplate, Message
 from .engine import (
     ENGINE_ADAPTERS,
+    ChatOptions,
     Classification,
     Engine,
     Perplexity,
@@ -41,6 +43,8 @@ __all__ = [
     "Backend",
     "BackendOptions",
     "BackendUnavailableError",
+    "ChatOptions",
+    "ChatTemplate",
     "Classification",
     "ContextOverflowError",
     "ConversionError",
@@ -51,6 +55,7 @@ __all__ = [
     "Features",
     "IntegrityError",
     "InvalidParameterError",
+    "Message",
     "ModelError",
     "ModelInfo",
     "NumericalError",

@@ -17,13 +17,18 @@ _SUBCOMMANDS = {
     "convert": ("edgegemma.convert", "build GGUF variants, ONNX and LiteRT models from a GGUF"),
     "adapters": ("edgegemma.adapters", "convert PEFT adapters for a backend; inspect, validate"),
     "train": ("edgegemma.train", "fine-tune a LoRA adapter on a JSONL of examples (CPU)"),
+    "serve": ("edgegemma.serve", "an OpenAI-compatible HTTP server, adapters chosen per request"),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in _SUBCOMMANDS:
-        module = importlib.import_module(_SUBCOMMANDS[args[0]][0])
+        try:
+            module = importlib.import_module(_SUBCOMMANDS[args[0]][0])
+        except ModuleNotFoundError as exc:  # a command of an extra that is not installed
+            print(f"edgegemma {args[0]}: error: {exc}", file=sys.stderr)
+            return 1
         try:
             return int(module.main(args[1:]))
         except EdgeGemmaError as exc:

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypedDict, Unpack
 
 import numpy as np
 
@@ -31,6 +31,14 @@ from .backends.base import (
     Features,
     ModelInfo,
     log_probs,
+)
+from .chat import (
+    ChatTemplate,
+    Message,
+    check_messages,
+    droppable_turns,
+    gemma_template,
+    without_turns,
 )
 from .constraints import Constraint, Matcher, Vocabulary, make_constraint
 from .errors import (
@@ -56,6 +64,8 @@ PREFIX_CACHE_POLICIES: tuple[str, ...] = ("exact", "always")
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 N_CTX_STEP = 256
 """``n_ctx`` is rounded up to a multiple of this (llama.cpp pads its context so anyway)."""
+GEMMA_BOS, GEMMA_EOS = "<bos>", "<eos>"
+"""The special-token texts chat templates are rendered with (Gemma's vocabulary)."""
 HELDOUT_TEXT = Path(__file__).with_name("data") / "heldout-en.txt"
 """An English text written for edgegemma (so no model has seen it) that the perplexity of a
 model is measured on by default: 3084 tokens for Gemma 3, three windows of 1024."""
@@ -69,6 +79,26 @@ class _EngineAdapters:
 
 
 ENGINE_ADAPTERS = _EngineAdapters()
+
+
+class ChatOptions(TypedDict, total=False):
+    """The options of :meth:`Engine.chat`: those of :meth:`Engine.generate` but ``keep``."""
+
+    max_tokens: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    seed: int | None
+    stop: Sequence[str]
+    adapters: Mapping[str, float] | None | _EngineAdapters
+    on_overflow: OverflowPolicy | None
+    timeout: float | None
+    choices: Sequence[str] | None
+    regex: str | None
+    json_schema: Mapping[str, Any] | str | None
+    logprobs: int | None
 
 
 @dataclass(frozen=True)
@@ -186,6 +216,8 @@ class _Request:
     timeout: float | None
     constraint: Constraint | None = None
     logprobs: int | None = None
+    dropped: int = 0
+    """Prompt tokens dropped before the request was made (old chat turns)."""
     started: float = field(default_factory=time.perf_counter)
     released: bool = False
 
@@ -309,6 +341,7 @@ class Engine:
         self._close_pending = False
         self._closed = False
         self._vocab: Vocabulary | None = None
+        self._chat_template: ChatTemplate | None = None
 
     # -- model facts ---------------------------------------------------------------------
 
@@ -765,6 +798,97 @@ class Engine:
             self._cached_key = key
             return scores
 
+    # -- chat ----------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The chat template :meth:`chat` renders messages with: the model file's own, else
+        Gemma 3's."""
+        if self._chat_template is None:
+            own = self.info.chat_template
+            self._chat_template = ChatTemplate(
+                own if own is not None else gemma_template(),
+                bos_token=GEMMA_BOS,
+                eos_token=GEMMA_EOS,
+                builtin=own is None,
+            )
+        return self._chat_template
+
+    def apply_chat_template(self, messages: Sequence[Message]) -> str:
+        """The prompt text :meth:`chat` gives the model for ``messages`` (the model's turn
+        opened, ready for its answer)."""
+        return self.chat_template.render(check_messages(messages))
+
+    def chat(self, messages: Sequence[Message], **options: Unpack[ChatOptions]) -> Result:
+        """The model's answer to a conversation: ``[{"role": "system" | "user" |
+        "assistant", "content": ...}, ...]``, ending with the user's message.
+
+        The messages are rendered with :attr:`chat_template`; generation stops at the end of
+        the model's turn. Options are those of :meth:`generate`. When the conversation does not
+        fit the context, ``on_overflow="truncate_left"`` drops whole turns, oldest first, and
+        keeps the system message; ``"shift"`` never discards the system message either.
+        """
+        stream = self.stream_chat(messages, **options)
+        with stream:
+            for _ in stream:
+                pass
+        return stream.result
+
+    def stream_chat(self, messages: Sequence[Message], **options: Unpack[ChatOptions]) -> Stream:
+        """Like :meth:`chat`, but yields text pieces as they are produced."""
+        self._check_open()
+        if "keep" in options:
+            raise InvalidParameterError(
+                "chat takes no keep=: the system message is what the context policy protects"
+            )
+        conversation = check_messages(messages)
+        policy = options.get("on_overflow") or self.on_overflow
+        _check_policy(policy)
+        max_tokens = options.get("max_tokens", 256)
+        ids = self._chat_ids(conversation)
+        dropped = 0
+        if policy == "truncate_left" and isinstance(max_tokens, (int, type(None))):
+            budget = self.n_ctx - (max_tokens if max_tokens is not None else 1)
+            if len(ids) > budget:
+                full = len(ids)
+                for count in droppable_turns(conversation):
+                    ids = self._chat_ids(without_turns(conversation, count))
+                    if len(ids) <= budget:
+                        break
+                if len(ids) > budget:
+                    raise ContextOverflowError(
+                        f"the conversation does not fit the context window even with its old "
+                        f"turns dropped: its last turn{' and the system message' if conversation[0]['role'] == 'system' else ''} "
+                        f"take {len(ids)} tokens, max_tokens is {max_tokens}, n_ctx={self.n_ctx}. "
+                        "Shorten the last message, lower max_tokens or load with a larger n_ctx.",
+                        prompt_tokens=len(ids),
+                        max_tokens=max_tokens,
+                        n_ctx=self.n_ctx,
+                    )
+                dropped = full - len(ids)
+            policy = "error"  # whole turns are dropped, never a part of one
+        options["on_overflow"] = policy  # type: ignore[typeddict-item]  # checked above
+        stream = self.stream(ids, **options, keep=self._system_prefix(conversation))
+        stream._request.dropped = dropped
+        return stream
+
+    def _chat_ids(self, conversation: list[Message]) -> list[int]:
+        ids = self.tokenize(self.chat_template.render(conversation), add_bos=False)
+        bos = self.info.bos_id
+        if bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)  # a template that leaves BOS to the tokenizer
+        return ids
+
+    def _system_prefix(self, conversation: list[Message]) -> int:
+        """Tokens of the rendered prompt up to the end of the system message (else BOS)."""
+        if conversation[0]["role"] != "system":
+            return 0
+        # The prompts of two different first questions agree up to where the question starts.
+        system = conversation[0]
+        one = self._chat_ids([system, {"role": "user", "content": "1"}])
+        two = self._chat_ids([system, {"role": "user", "content": "2"}])
+        return _common_prefix(one, two)
+
     def reset(self) -> None:
         """Forget the KV cache; the next call evaluates its whole prompt."""
         with self._exclusive():
@@ -961,7 +1085,7 @@ class Engine:
                 n_ctx=n_ctx,
             )
 
-        truncated = 0
+        truncated = request.dropped
         if policy == "shift":
             if len(tokens) >= n_ctx:
                 raise overflow("the prompt alone fills the context window")

@@ -41,6 +41,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import stat
@@ -77,11 +78,13 @@ _SOURCE_KEYS: dict[str, tuple[str, ...]] = {
 }
 _REQUIRED_KEYS = ("format", "source", "license")
 _OPTIONAL_KEYS = ("sha256", "size", "description")
+# A variant's bytes depend on the CPU the quantizer runs on (see LockEntry.sha256_aarch64).
+_VARIANT_PIN_KEYS = ("sha256_aarch64", "size_aarch64")
 # The order keys are written in: where from, then what to expect, then the words for people.
 _KEY_ORDER = (
     "format", "source", "package", "file", "repo", "revision", "filename", "base", "quant",
     "embedding",
-    "sha256", "size", "license", "description",
+    "sha256", "size", "sha256_aarch64", "size_aarch64", "license", "description",
 )  # fmt: skip
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -99,7 +102,8 @@ _LOCK_HEADER = """\
 # writes `file`), source = "hf" with repo, revision and filename on the Hugging Face Hub, or
 # source = "quantize" with base (another entry), quant (a llama.cpp recipe) and embedding (the
 # token embedding's type, or "recipe"): a variant built by llama.cpp's quantizer on first use;
-# sha256 and size the artifact must have; license; description.
+# sha256 and size the artifact must have (a variant: as built on x86-64, and sha256_aarch64
+# and size_aarch64 as built on Linux aarch64); license; description.
 # An entry without sha256 is pinned on first fetch; `edgegemma models lock NAME` then writes
 # sha256, size and the resolved commit here. That command rewrites this file in this form:
 # keep notes in `description`, not in comments.
@@ -135,6 +139,19 @@ class LockEntry:
     sha256: str | None = None
     size: int | None = None
     """Bytes."""
+    sha256_aarch64: str | None = None
+    """quantize: the file llama.cpp's quantizer makes on Linux aarch64, where ``sha256`` is the
+    one it makes on x86-64. The quantizer's C code is the same, but GCC fuses multiply-adds on
+    aarch64 (FMA is part of its base instruction set), so a few blocks round differently and
+    the bytes differ (measured with the arm64 build under emulation: docs/devices.md)."""
+    size_aarch64: int | None = None
+
+    def build_pin(self) -> tuple[str | None, int | None]:
+        """quantize: (sha256, size) pinned for what the quantizer makes on this machine's CPU
+        architecture; (None, None) where none was measured (then the build of the verified
+        base is taken as built)."""
+        keys = _build_pin_keys()
+        return (getattr(self, keys[0]), getattr(self, keys[1])) if keys else (None, None)
 
     @property
     def artifact(self) -> str:
@@ -260,7 +277,8 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
     source = table.get("source")
     if source not in _SOURCE_KEYS:
         raise bad(f"source must be one of {', '.join(map(repr, _SOURCE_KEYS))}, got {source!r}")
-    allowed = (*_REQUIRED_KEYS, *_SOURCE_KEYS[source], *_OPTIONAL_KEYS)
+    variant_pins = _VARIANT_PIN_KEYS if source == "quantize" else ()
+    allowed = (*_REQUIRED_KEYS, *_SOURCE_KEYS[source], *_OPTIONAL_KEYS, *variant_pins)
     unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise bad(
@@ -272,17 +290,18 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
         raise bad(f"missing {', '.join(missing)}")
     fields = dict(table)
     for key, value in fields.items():
-        if key == "size":
+        if key.startswith("size"):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise bad(f"size must be a positive number of bytes, got {value!r}")
+                raise bad(f"{key} must be a positive number of bytes, got {value!r}")
         elif not isinstance(value, str) or (not value.strip() and key != "description"):
             raise bad(f"{key} must be a non-empty string, got {value!r}")
     if not _FORMAT.fullmatch(fields["format"]):
         raise bad(f"format must be a lowercase word such as gguf or onnx, got {fields['format']!r}")
-    if "sha256" in fields:
-        fields["sha256"] = fields["sha256"].lower()
-        if not _SHA256.fullmatch(fields["sha256"]):
-            raise bad(f"sha256 must be 64 hex digits, got {table['sha256']!r}")
+    for key in ("sha256", "sha256_aarch64"):
+        if key in fields:
+            fields[key] = fields[key].lower()
+            if not _SHA256.fullmatch(fields[key]):
+                raise bad(f"{key} must be 64 hex digits, got {table[key]!r}")
     if source == "quantize":
         if not _NAME.fullmatch(fields["base"]) or fields["base"] == name:
             raise bad(f"base must name another entry of the lock file, got {fields['base']!r}")
@@ -306,6 +325,18 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
         if any(part in ("", ".", "..") for part in parts) or not _is_file_name(parts[-1]):
             raise bad(f"filename must be a path inside the repository, got {fields['filename']!r}")
     return LockEntry(name=name, **fields)
+
+
+def _build_pin_keys() -> tuple[str, str] | None:
+    """The lock keys of a variant's pin on this machine, None where the lock keeps none."""
+    from .quantize import cpu_architecture
+
+    machine = cpu_architecture()
+    if machine == "x86_64":
+        return "sha256", "size"
+    if machine == "aarch64" and sys.platform == "linux":
+        return "sha256_aarch64", "size_aarch64"
+    return None
 
 
 def _is_file_name(name: str) -> bool:
@@ -392,16 +423,21 @@ def _fetch_variant(entry: LockEntry, base: LockEntry, *, force: bool) -> Path:
         raise ModelError(f"{entry.name}: cannot build it into {home()}: {exc}") from exc
     files = read_manifest(path.parent)["files"]
     sha256, size = files[FILE]["sha256"], files[FILE]["size"]
-    if entry.sha256 is not None and (
-        sha256 != entry.sha256 or (entry.size is not None and size != entry.size)
-    ):
+    pinned, pinned_size = entry.build_pin()
+    here = f"{sys.platform} {platform.machine()}"
+    if pinned is None:
+        log.warning(
+            "%s: models.lock pins no build of it for %s; using the build of the verified %s "
+            "as made here (sha256 %s)", entry.name, here, entry.base, sha256,
+        )  # fmt: skip
+    elif sha256 != pinned or (pinned_size is not None and size != pinned_size):
         _remove_build(path.parent)
         raise IntegrityError(
-            f"{entry.name}: llama.cpp's quantizer made a file with sha256 {sha256} ({size} bytes), "
-            f"but the lock file {lock_path()} pins {entry.sha256}; it was discarded. The pin holds "
-            "for the llama-cpp-python version edgegemma requires: install that version, or pin "
-            f"the new file with: edgegemma models lock {entry.name}",
-            expected=entry.sha256,
+            f"{entry.name}: llama.cpp's quantizer made a file with sha256 {sha256} ({size} bytes) "
+            f"on {here}, but the lock file {lock_path()} pins {pinned}; it was discarded. The pin "
+            "holds for the llama-cpp-python version edgegemma requires: install that version, or "
+            f"pin the new file with: edgegemma models lock {entry.name}",
+            expected=pinned,
             actual=sha256,
         )
     return path
@@ -666,11 +702,12 @@ def _verify_variant(entry: LockEntry, base: LockEntry) -> VerifyResult:
     if target is None:
         return VerifyResult(entry.name, "missing", _model_dir(entry.name) / entry.artifact)
     sha256, size, _ = _hash(target)
-    if entry.sha256 is None:
+    pinned, pinned_size = entry.build_pin()
+    if pinned is None:
         return VerifyResult(entry.name, "unpinned", target, None, sha256, None, size)
-    ok = sha256 == entry.sha256 and (entry.size is None or size == entry.size)
+    ok = sha256 == pinned and (pinned_size is None or size == pinned_size)
     return VerifyResult(
-        entry.name, "ok" if ok else "mismatch", target, entry.sha256, sha256, entry.size, size
+        entry.name, "ok" if ok else "mismatch", target, pinned, sha256, pinned_size, size
     )
 
 
@@ -691,8 +728,18 @@ def pin(name: str) -> LockEntry:
             entries = read_lock(path)
             entry = _lookup(entries, name)
             if entry.source == "quantize":
+                keys = _build_pin_keys()
+                if keys is None:
+                    raise ModelError(
+                        f"{name}: models.lock pins variants as built on x86-64 and on Linux "
+                        f"aarch64, not on {sys.platform} {platform.machine()}"
+                    )
                 sha256, size, _ = _hash(fetch(name))
-                entries[name] = pinned = dataclasses.replace(entry, sha256=sha256, size=size)
+                if keys[0] == "sha256":
+                    pinned = dataclasses.replace(entry, sha256=sha256, size=size)
+                else:
+                    pinned = dataclasses.replace(entry, sha256_aarch64=sha256, size_aarch64=size)
+                entries[name] = pinned
                 _write_atomically(path.resolve(), _format_lock(entries))
                 return pinned
             record = _read_pin(folder)

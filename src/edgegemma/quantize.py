@@ -6,12 +6,15 @@ matrix: it is read once per generated token and is most of the file (the pinned 
 it as Q8_0: 178 of 253 MB). Re-running the file's own recipe is lossless, so a variant that
 changes only the embedding keeps the layers exactly; requantizing the layers to another type
 compounds their error (measured in docs/models.md). The output is deterministic for a given
-llama.cpp, so ``models.lock`` pins its sha256 like any downloaded file.
+llama.cpp on a given CPU architecture (aarch64 rounds a few blocks differently: GCC fuses
+multiply-adds there), so the build key names the architecture and ``models.lock`` pins a
+sha256 per architecture like any downloaded file.
 """
 
 from __future__ import annotations
 
 import ctypes
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,7 +49,19 @@ def build_gguf(
 
 def build_key(source_sha256: str, options: Mapping[str, str]) -> dict[str, str]:
     """The build cache key of the GGUF with sha256 ``source_sha256`` requantized with ``options``."""
-    return {"source_sha256": source_sha256, **options, "recipe": _RECIPE, **tool_versions(*_TOOLS)}
+    return {
+        "source_sha256": source_sha256,
+        **options,
+        "recipe": _RECIPE,
+        **tool_versions(*_TOOLS),
+        "machine": cpu_architecture(),
+    }
+
+
+def cpu_architecture() -> str:
+    """``x86_64`` or ``aarch64`` whatever the OS calls them (AMD64, arm64), else as named."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:

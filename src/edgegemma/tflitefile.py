@@ -30,6 +30,8 @@ TFLITE_ID = b"TFL3"
 FLOAT32 = 0  # TensorType.FLOAT32
 _LITERTLM_MAGIC = b"LITERTLM"
 _LITERTLM_TFLITE = 3  # AnySectionDataType.TFLiteModel
+_LITERTLM_LLM_METADATA = 5  # AnySectionDataType.LlmMetadataProto
+_JINJA_PROMPT_TEMPLATE = 7  # LlmMetadata.jinja_prompt_template
 _TASK_MODEL = "TF_LITE_PREFILL_DECODE"
 
 
@@ -91,20 +93,82 @@ def inspect_model(path: str | os.PathLike[str]) -> TfliteFacts:
 
 
 def _litertlm_tflite_section(data: mmap.mmap, path: Path) -> tuple[int, int]:
+    found = _litertlm_section(data, path, _LITERTLM_TFLITE)
+    if found is None:
+        raise ModelError(f"{path.name} holds no TFLite model section")
+    return found
+
+
+def _litertlm_section(data: mmap.mmap, path: Path, kind: int) -> tuple[int, int] | None:
+    """``[begin, end)`` of the first section of type ``kind`` in a ``.litertlm`` file."""
     try:
         (header_end,) = struct.unpack_from("<Q", data, 24)
         header = Table.root(data, 32, header_end)
         sections = header.table(1)
         objects = sections.tables(0) if sections is not None else []
         for section in objects:
-            if section.scalar(3, "<B") == _LITERTLM_TFLITE:
+            if section.scalar(3, "<B") == kind:
                 begin, end = section.scalar(1, "<Q"), section.scalar(2, "<Q")
                 if not 0 < begin < end <= len(data):
                     raise ValueError(f"section [{begin}, {end}) lies outside the file")
                 return begin, end
     except (struct.error, IndexError, ValueError) as exc:
         raise ModelError(f"{path.name}: corrupt .litertlm header ({exc})") from None
-    raise ModelError(f"{path.name} holds no TFLite model section")
+    return None
+
+
+def bundle_chat_template(path: str | os.PathLike[str]) -> str | None:
+    """The Jinja chat template in a ``.litertlm`` bundle's LLM metadata (its
+    ``jinja_prompt_template``), or None: a ``.task`` bundle or a bundle without one."""
+    model_path = Path(path)
+    with mapped(model_path, ModelError) as data:
+        if data[:8] != _LITERTLM_MAGIC:
+            return None
+        found = _litertlm_section(data, model_path, _LITERTLM_LLM_METADATA)
+        if found is None:
+            return None
+        try:
+            value = _proto_field(data[found[0] : found[1]], _JINJA_PROMPT_TEMPLATE)
+        except (IndexError, ValueError) as exc:
+            raise ModelError(f"{model_path.name}: corrupt LLM metadata ({exc})") from None
+    return value.decode("utf-8", errors="replace") if value else None
+
+
+def _proto_field(message: bytes, number: int) -> bytes | None:
+    """The last length-delimited field ``number`` of a serialized protobuf message."""
+
+    def varint(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = message[at]
+            value |= (byte & 0x7F) << shift
+            at += 1
+            if byte < 0x80:
+                return value, at
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    found, at = None, 0
+    while at < len(message):
+        key, at = varint(at)
+        wire = key & 7
+        if wire == 0:
+            _, at = varint(at)
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        elif wire == 2:
+            length, at = varint(at)
+            if at + length > len(message):
+                raise ValueError("field runs past the message")
+            if key >> 3 == number:
+                found = message[at : at + length]
+            at += length
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return found
 
 
 def _task_tflite_member(path: Path) -> tuple[int, int]:

@@ -22,6 +22,15 @@ from .base import Backend
 
 ENTRY_POINT_GROUP = "edgegemma.backends"
 
+INSTALL = {
+    "llamacpp": "pip install llama-cpp-python==0.3.36 (edgegemma's own dependency: pip compiles "
+    "llama.cpp, which needs a C/C++ compiler and cmake)",
+    "onnx": "pip install 'edgegemma[onnx]'",
+    "mediapipe": "pip install 'edgegemma[mediapipe]'",
+}
+"""How to install each built-in backend's runtime; the README's platform table says where
+each has wheels."""
+
 
 def available_backends() -> dict[str, str]:
     """Backend names mapped to the ``module:Class`` that implements each.
@@ -48,10 +57,11 @@ def get_backend(name: str) -> type[Backend]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        how = INSTALL.get(name, f"install the package that provides {module_name}")
         raise BackendUnavailableError(
             f"backend {name!r} needs a package that is not installed on this "
-            f"{platform.system()} {platform.machine()} machine ({exc}); install it with: "
-            f"pip install 'edgegemma[{name}]' (the README's platform table says where it exists)"
+            f"{platform.system()} {platform.machine()} machine ({exc}); {how} "
+            "(the README's platform table says where each runtime has wheels)"
         ) from exc
     backend_class = getattr(module, class_name, None)
     if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):

@@ -63,6 +63,8 @@ class ModelInfo:
     exact_reuse_with_adapters: bool = False
     """The same, with LoRA adapters attached."""
     description: str = ""
+    chat_template: str | None = None
+    """The model file's own chat template (Jinja), or None when it carries none."""
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ class LlamaCppBackend(Backend):
         n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         eog = frozenset(t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
         bos = ll.llama_vocab_bos(self._vocab)
+        template = header.metadata.get("tokenizer.chat_template")
         self.info = ModelInfo(
             architecture=header.architecture,
             n_ctx=n_ctx,
@@ -145,6 +146,7 @@ class LlamaCppBackend(Backend):
             # Measured: identical logits without adapters; under a LoRA, up to ~1.0 apart.
             exact_reuse=True,
             description=_model_description(model),
+            chat_template=template if isinstance(template, str) and template else None,
         )
 
     @classmethod

@@ -58,7 +58,7 @@ from ..locations import home
 from ..recipes import LITERT_FILES, litert_options
 from ..sampling import SamplingParams
 from ..stderr import captured_stderr
-from ..tflitefile import LoraSpec, TfliteFacts, inspect_model
+from ..tflitefile import LoraSpec, TfliteFacts, bundle_chat_template, inspect_model
 from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo, TokenMask
 
 _LORA_FILES_KEPT = 4
@@ -107,9 +107,14 @@ class MediaPipeBackend(Backend):
         bos = self._engine.bos_token_id
         pad = self._engine.tokenize("<pad>")
         self._pad = pad[0] if len(pad) == 1 else None
-        # Special tokens stand for no text (the runtime spells them "<pad>", "<eos>", ...).
+        # Special tokens stand for no text in output (the runtime spells them "<pad>",
+        # "<eos>", ...); in a prompt (a chat's "<end_of_turn>") they are given by that spelling.
+        self._spellings: dict[int, bytes] = {}
         for special in (*stops, bos, self._pad):
             if special is not None and special >= 0:
+                spelling = self._engine.detokenize([special])
+                if self._engine.tokenize(spelling) == [special]:
+                    self._spellings[special] = spelling.encode("utf-8")
                 self._piece_cache[special] = b""
         lora = f", LoRA rank {facts.lora.rank}" if facts.lora else ", no LoRA inputs"
         assert facts.vocab_size is not None  # open() refuses a graph without logits
@@ -122,6 +127,7 @@ class MediaPipeBackend(Backend):
             eog_ids=frozenset(stops),
             can_shift=False,
             description=f"LiteRT-LM {path.suffix[1:]} bundle {path.name}{lora}",
+            chat_template=bundle_chat_template(path),
         )
 
     @classmethod
@@ -383,14 +389,14 @@ class MediaPipeBackend(Backend):
         """Texts whose separate tokenizations concatenate to exactly ``tokens``."""
         if not tokens:
             return [""]
-        whole = self._text(tokens)
+        whole = self._text(tokens, spelled=True)
         if whole is not None and self.tokenize(whole) == list(tokens):
             return [whole]
         pieces, start = [], 0
         while start < len(tokens):
             # A byte token is not text on its own: grow the piece to a whole character.
             for end in range(start + 1, min(start + 5, len(tokens)) + 1):
-                text = self._text(tokens[start:end])
+                text = self._text(tokens[start:end], spelled=True)
                 if text is not None and self.tokenize(text) == list(tokens[start:end]):
                     break
             else:
@@ -402,9 +408,11 @@ class MediaPipeBackend(Backend):
             start = end
         return pieces
 
-    def _text(self, tokens: Sequence[int]) -> str | None:
+    def _text(self, tokens: Sequence[int], *, spelled: bool = False) -> str | None:
+        """The text of ``tokens``; ``spelled``: special tokens as the text that stands for them."""
+        spellings = self._spellings if spelled else {}
         try:
-            return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8")
+            return b"".join(spellings.get(t) or self.token_bytes(t) for t in tokens).decode("utf-8")
         except UnicodeDecodeError:
             return None
 

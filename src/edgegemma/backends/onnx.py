@@ -31,6 +31,7 @@ import onnxruntime_genai as og
 
 from ..adapters.onnx import lora_inputs, read_adapter, write_adapter
 from ..builds import find_build
+from ..chat import folder_template
 from ..errors import (
     AdapterError,
     ContextOverflowError,
@@ -108,6 +109,7 @@ class OnnxBackend(Backend):
             eog_ids=frozenset(eog),
             can_shift=True,
             description=f"{facts['type']} ONNX ({path.name}), {lora}",
+            chat_template=folder_template(path),
         )
 
     @classmethod

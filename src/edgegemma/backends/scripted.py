@@ -62,6 +62,7 @@ class ScriptedBackend(Backend):
         end: bool = True,
         token_delay_s: float = 0.0,
         failing_adapters: Sequence[str] = (),
+        chat_template: str | None = None,
     ):
         self._reply = reply
         self._end = end
@@ -86,6 +87,7 @@ class ScriptedBackend(Backend):
             exact_reuse=True,
             exact_reuse_with_adapters=True,
             description="scripted test backend",
+            chat_template=chat_template,
         )
 
     @classmethod

@@ -144,6 +144,7 @@ def device_facts(adb: Adb) -> dict[str, Any]:
     """Model, SoC, Android version, ABI, cores and RAM of the device."""
     script = "; ".join(f'echo "{key}=$(getprop {prop})"' for key, prop in _PROPS.items())
     script += '; echo "cores=$(nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo)"'
+    script += '; echo "machine=$(uname -m)"'
     script += "; echo \"ram_kb=$(sed -n 's/^MemTotal:[^0-9]*\\([0-9]*\\).*/\\1/p' /proc/meminfo)\""
     facts: dict[str, Any] = {"serial": adb.serial}
     for line in adb.shell(script, what="reading device properties", timeout=60).splitlines():
@@ -156,6 +157,34 @@ def device_facts(adb: Adb) -> dict[str, Any]:
     ram_kb = facts.pop("ram_kb", "")
     facts["ram_mb"] = int(ram_kb) / 1024 if ram_kb.isdigit() else None
     return facts
+
+
+_ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64"}
+
+
+def elf_machine(path: Path) -> str | None:
+    """The CPU an ELF executable is built for (``aarch64``, ``x86_64``...), None if not ELF."""
+    with open(path, "rb") as handle:
+        header = handle.read(20)
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    code = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return _ELF_MACHINES.get(code, f"ELF machine {code}")
+
+
+def emulation(binaries: dict[str, Path], device_machine: str | None) -> str | None:
+    """Why the tools' timings are not the device's, when they are built for another CPU than
+    the device's kernel runs: the device can only run them through an emulator."""
+    foreign = {
+        machine
+        for machine in map(elf_machine, binaries.values())
+        if machine and device_machine and machine != device_machine
+    }
+    if not foreign:
+        return None
+    return (
+        f"{', '.join(sorted(foreign))} binaries on a {device_machine} device, through an emulator"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -237,11 +266,13 @@ def run_adb(target: str, request: BenchRequest, *, adb: str = "adb") -> dict[str
 
     device = pick_device(adb, target.partition(":")[2] or None)
     facts = device_facts(device)
+    facts["emulated"] = emulation(binaries, facts.get("machine"))
     threads = request.threads or min(facts.get("cores") or 4, 4)
     report = new_report(f"adb:{device.serial}", request, threads)
     report["device"] = facts
     say(
         f"device {device.serial}: {facts.get('model')} ({facts['soc']}), Android {facts.get('android')}"
+        + (f"; EMULATED: {facts['emulated']}" if facts["emulated"] else "")
     )
     for needed, missing, option in (
         ("pp/tg workloads", request.synthetic and "llama-bench" not in binaries, "--llama-bench"),
@@ -261,11 +292,12 @@ def run_adb(target: str, request: BenchRequest, *, adb: str = "adb") -> dict[str
 
     remote_model = f"{DEVICE_DIR}/{model.name}"
     runs = {}
+    where = "device, emulated" if facts["emulated"] else "device"
     if "llama-bench" in binaries and request.synthetic:
-        runs["llama-bench"] = llamabench.empty_run(model, threads, label="llama-bench (device)")
+        runs["llama-bench"] = llamabench.empty_run(model, threads, label=f"llama-bench ({where})")
     if "llama-completion" in binaries and tasks:
         runs["llama-completion"] = llamabench.empty_run(
-            model, threads, runner="llama-completion", label="llama-completion (device)"
+            model, threads, runner="llama-completion", label=f"llama-completion ({where})"
         )
     for run in runs.values():
         run["model_size_mb"] = model.stat().st_size / 2**20

@@ -142,6 +142,12 @@ def run_parser() -> argparse.ArgumentParser:
         help="skip the raw llama.cpp loop the engine is compared with",
     )
     what.add_argument(
+        "--server",
+        action="store_true",
+        help="also run the synthetic workloads through `edgegemma serve` on localhost, paired "
+        "request by request with the in-process engine: the server's cost per request",
+    )
+    what.add_argument(
         "--llama-bench",
         metavar="PATH",
         help="llama.cpp's llama-bench: also run it as a reference (local, ssh); "
@@ -218,6 +224,7 @@ def request_from(args: argparse.Namespace) -> BenchRequest:
         seed=args.seed,
         ids=args.ids,
         baseline=not args.no_baseline,
+        server=args.server,
         llama_bench=args.llama_bench,
         llama_completion=args.llama_completion,
     )

@@ -131,7 +131,7 @@ _REFERENCE_NAMES = {
 def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of the smaller tables below the main one."""
     several = len(reports) > 1
-    swaps, overhead, problems = [], [], []
+    swaps, overhead, serving, problems = [], [], [], []
     for report in reports:
         prefix = [device_label(report)] if several else []
         for run in report["runs"]:
@@ -147,6 +147,15 @@ def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], l
             if run["error"]:
                 problems.append(prefix + [run["label"], f"error: {run['error']}"])
             for row in run["results"]:
+                if "overhead_s" in row:
+                    serving.append(prefix + [
+                        run["backend"],
+                        row["workload"],
+                        _ms(row["engine_latency_s"], "p50"),
+                        _ms(row["latency_s"], "p50"),
+                        f"{row['overhead_s']['p50'] * 1000:+.1f}",
+                    ])  # fmt: skip
+                    continue
                 workload = row["workload"] + (f" +{row['adapter']}" if row["adapter"] else "")
                 for note in row["notes"]:
                     problems.append(prefix + [run["label"], f"{workload}: {note}"])
@@ -188,6 +197,8 @@ def _sections(reports: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], l
          head + ["backend", "reference", "model", "workload", "metric", "engine vs reference",
                  "ratio", "difference"],
          overhead),
+        ("edgegemma serve vs the in-process engine (ms per request, p50 of paired requests)",
+         head + ["backend", "workload", "engine", "server", "added"], serving),
         ("Notes", head + ["what", "note"], [list(p) for p in dict.fromkeys(map(tuple, problems))]),
     ]  # fmt: skip
 
@@ -210,14 +221,17 @@ def _describe(report: dict[str, Any]) -> str:
         )
     else:
         load = host.get("load_average")
+        board = f" ({host['board']})" if host.get("board") else ""
         where = (
-            f"{host.get('hostname')}: {host.get('cpu')}, {host.get('cores')} cores, "
+            f"{host.get('hostname')}{board}: {host.get('cpu')}, {host.get('cores')} cores, "
             f"{(host.get('ram_mb') or 0) / 1024:.1f} GiB RAM, {host.get('os')}"
             + (f"; load average {load[0]:.1f} at start" if load else "")
         )
+    emulated = (device or host).get("emulated")
     return (
         f"{report['target']} -- {where}; threads={settings['threads']} n_ctx={settings['n_ctx']}, "
         f"{settings['repetitions']} repetitions after {settings['warmup']} warm-up"
+        + (f"; EMULATED ({emulated}): timings are not this device's speed" if emulated else "")
     )
 
 

@@ -25,7 +25,7 @@ from ..memory import peak_rss
 from .stats import summarize
 from .workloads import Synthetic, Task, is_correct, load_task, synthetic_ids
 
-Runner = Literal["engine", "raw", "llama-cpp-python"]
+Runner = Literal["engine", "raw", "llama-cpp-python", "server"]
 _RUNTIMES = {"llamacpp": "llama_cpp", "onnx": "onnxruntime_genai", "mediapipe": "litert_lm"}
 
 
@@ -33,7 +33,8 @@ _RUNTIMES = {"llamacpp": "llama_cpp", "onnx": "onnxruntime_genai", "mediapipe": 
 class Plan:
     runner: Runner
     """``engine``: edgegemma's Engine on ``backend``; ``raw``: the backend's runtime driven
-    alone; ``llama-cpp-python``: llama-cpp-python's own high-level API (:mod:`.baseline`)."""
+    alone; ``llama-cpp-python``: llama-cpp-python's own high-level API (:mod:`.baseline`);
+    ``server``: ``edgegemma serve`` paired with an in-process engine (:mod:`.serving`)."""
     backend: str
     model: str
     n_ctx: int
@@ -63,6 +64,8 @@ class Plan:
             return f"{self.backend} (runtime alone)"
         if self.runner == "llama-cpp-python":
             return "llama-cpp-python Llama API"
+        if self.runner == "server":
+            return f"{self.backend} via edgegemma serve"
         return self.backend
 
 
@@ -397,6 +400,29 @@ def _run_reference(plan: Plan, result: dict[str, Any]) -> None:
             )
 
 
+def _run_server(plan: Plan, result: dict[str, Any]) -> None:
+    import edgegemma
+
+    from .serving import measure_server, served
+
+    started = time.perf_counter()
+    engine = edgegemma.load(
+        plan.model, backend=plan.backend, n_ctx=plan.n_ctx, n_threads=plan.threads
+    )
+    result["load_s"] = time.perf_counter() - started
+    with engine, served(plan) as connection:
+        for kind, tokens in plan.synthetic:
+            result["results"].append(
+                measure_server(
+                    engine,
+                    connection,
+                    Synthetic(kind, tokens),  # type: ignore[arg-type]
+                    plan,
+                    lambda message: progress(plan.label, message),
+                )
+            )
+
+
 def empty_result(plan: Plan) -> dict[str, Any]:
     """A result with nothing measured yet."""
     model = Path(plan.model)
@@ -422,10 +448,12 @@ def run(plan: Plan) -> dict[str, Any]:
     """Measure everything the plan asks for; never raises (the error goes in the result)."""
     result = empty_result(plan)
     try:
-        if plan.runner != "engine":
-            _run_reference(plan, result)
-        else:
+        if plan.runner == "engine":
             _run_engine(plan, result)
+        elif plan.runner == "server":
+            _run_server(plan, result)
+        else:
+            _run_reference(plan, result)
     except Exception as exc:  # noqa: BLE001 -- reported in the result, with what was measured
         result["error"] = f"{type(exc).__name__}: {exc}"
         progress(plan.label, f"failed: {result['error']}")

@@ -10,11 +10,14 @@ A report (schema ``edgegemma.bench/1``) is one run of the harness on one machine
      "overhead", "skipped", "errors"}
 
 Every timing figure is a :class:`~edgegemma.bench.stats.Summary` dict with its samples, so a
-reader can recompute anything. ``runner`` is ``engine`` (edgegemma's Engine on a backend),
+reader can recompute anything. ``host`` (and ``device`` for adb) say where it ran, including
+``board`` (``/proc/device-tree/model``) and ``emulated``: why the timings are not the
+machine's own (an arm64 Python or arm64 tools run by an emulator), or null. ``runner`` is ``engine`` (edgegemma's Engine on a backend),
 ``raw`` (the backend's runtime driven alone, :mod:`edgegemma.bench.baseline`),
 ``llama-cpp-python`` (llama-cpp-python's high-level API), ``llama-bench`` (llama.cpp's own
-tool, locally or on an Android device) or ``llama-completion`` (llama.cpp's completion tool
-running task workloads on an Android device).
+tool, locally or on an Android device), ``llama-completion`` (llama.cpp's completion tool
+running task workloads on an Android device) or ``server`` (``edgegemma serve`` on localhost;
+its rows add ``engine_latency_s`` and ``overhead_s``, the paired in-process figures).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ _RUN = {
     ],
     "properties": {
         "backend": {"type": "string"},
-        "runner": {"enum": ["engine", *REFERENCE_RUNNERS, "llama-completion"]},
+        "runner": {"enum": ["engine", *REFERENCE_RUNNERS, "llama-completion", "server"]},
         "label": {"type": "string"},
         "model": {"type": "string"},
         "model_size_mb": _NUMBER_OR_NULL,

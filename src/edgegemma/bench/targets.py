@@ -61,6 +61,8 @@ class BenchRequest:
     seed: int = 0
     ids: Literal["random", "fixed"] = "random"
     baseline: bool = True
+    server: bool = False
+    """Also measure the synthetic workloads through ``edgegemma serve`` (its overhead)."""
     llama_bench: str | None = None
     llama_completion: str | None = None
     """adb target only: llama.cpp's llama-completion, for task workloads and adapters."""
@@ -111,6 +113,8 @@ class BenchRequest:
             argv += ["-t", str(self.threads)]
         if not self.baseline:
             argv.append("--no-baseline")
+        if self.server:
+            argv.append("--server")
         if self.llama_bench:
             argv += ["--llama-bench", self.llama_bench]
         if self.llama_completion:
@@ -259,21 +263,39 @@ def run_local(request: BenchRequest) -> dict[str, Any]:
                     )
                     say(f"{reference.label}: {path.name}, {threads} threads")
                     report["runs"].append(run_plan(reference))
-            llama_bench = request.llama_bench or shutil.which("llama-bench")
-            if backend == "llamacpp" and llama_bench and request.synthetic:
-                say(f"llama-bench: {path.name}, {threads} threads")
-                report["runs"].append(
-                    llamabench.run_local(
-                        llama_bench,
-                        path,
-                        request.synthetic,
-                        repetitions=request.repetitions,
-                        threads=threads,
-                        warmup=request.warmup,
-                    )
-                )
+            if request.server and request.synthetic:
+                through = Plan(**{**asdict(plan), "runner": "server", "tasks": (), "adapters": {}})
+                say(f"{through.label}: {path.name}, {threads} threads")
+                report["runs"].append(run_plan(through))
+            if backend == "llamacpp":
+                _run_llama_bench(request, path, threads, report)
+    tool = request.llama_bench or shutil.which("llama-bench")
+    if tool and "llamacpp" in wanted and "llamacpp" not in [b for b, *_ in chosen]:
+        # llama.cpp's own tool needs no Python binding: a board with the tool built but no
+        # llama-cpp-python still gets its rows.
+        for path in models_for("llamacpp", request.models, known)[0]:
+            _run_llama_bench(request, path, threads, report)
     report["overhead"] = engine_overhead(report["runs"])
     return report
+
+
+def _run_llama_bench(
+    request: BenchRequest, model: Path, threads: int, report: dict[str, Any]
+) -> None:
+    llama_bench = request.llama_bench or shutil.which("llama-bench")
+    if not (llama_bench and request.synthetic):
+        return
+    say(f"llama-bench: {model.name}, {threads} threads")
+    report["runs"].append(
+        llamabench.run_local(
+            llama_bench,
+            model,
+            request.synthetic,
+            repetitions=request.repetitions,
+            threads=threads,
+            warmup=request.warmup,
+        )
+    )
 
 
 # -- ssh -------------------------------------------------------------------------------

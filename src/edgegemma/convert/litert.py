@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..builds import Progress
+from ..chat import folder_template
 from ..errors import ConversionError
 from ..recipes import LITERT_FILES, LITERT_PREFILL_LENGTH, LITERT_QUANTS
 from .checkpoint import build_from_gguf
@@ -79,7 +81,14 @@ def _build(checkpoint: Path, out: Path, options: Mapping[str, str], say: Progres
         spm = scratch / "tokenizer.spm"
         spm.write_bytes(sentencepiece_model(checkpoint / "tokenizer.json"))
         say("bundling model.litertlm")
-        _write_litertlm(tflite, spm, out / LITERT_FILES["litertlm"], context, scratch)
+        _write_litertlm(
+            tflite,
+            spm,
+            out / LITERT_FILES["litertlm"],
+            context,
+            folder_template(checkpoint),
+            scratch,
+        )
         say("bundling model.task")
         _write_task(tflite, spm, out / LITERT_FILES["task"])
 
@@ -140,7 +149,9 @@ def sentencepiece_model(tokenizer_json: Path) -> bytes:
     return proto.SerializeToString()
 
 
-def _write_litertlm(tflite: Path, spm: Path, out: Path, context: int, scratch: Path) -> None:
+def _write_litertlm(
+    tflite: Path, spm: Path, out: Path, context: int, template: str | None, scratch: Path
+) -> None:
     from litert_lm_builder import litertlm_builder as builder
     from litert_lm_builder.runtime.proto import llm_metadata_pb2, llm_model_type_pb2
 
@@ -149,6 +160,8 @@ def _write_litertlm(tflite: Path, spm: Path, out: Path, context: int, scratch: P
     for token in STOP_TOKENS:
         metadata.stop_tokens.add().token_str = token
     metadata.max_num_tokens = context
+    if template is not None:  # the model's own chat template travels with it
+        metadata.jinja_prompt_template = template
     metadata.llm_model_type.CopyFrom(
         llm_model_type_pb2.LlmModelType(gemma3=llm_model_type_pb2.Gemma3())
     )
@@ -166,7 +179,14 @@ def _write_litertlm(tflite: Path, spm: Path, out: Path, context: int, scratch: P
 
 
 def _write_task(tflite: Path, spm: Path, out: Path) -> None:
-    from mediapipe.tasks.python.genai.bundler import llm_bundler
+    try:
+        from mediapipe.tasks.python.genai.bundler import llm_bundler
+    except ImportError as exc:
+        raise ConversionError(
+            f"writing model.task needs mediapipe==0.10.35, which has no wheel for "
+            f"{platform.system()} {platform.machine()} ({exc}): convert on an x86-64 Linux, "
+            "macOS or Windows machine and copy the build folder"
+        ) from exc
 
     llm_bundler.create_bundle(
         llm_bundler.BundleConfig(

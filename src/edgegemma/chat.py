@@ -1,0 +1,203 @@
+"""Chat messages rendered into a prompt by the model's chat template.
+
+A template is Jinja, as Hugging Face tokenizers and GGUF files (``tokenizer.chat_template``)
+carry it, and runs in Jinja's immutable sandbox with the names Hugging Face gives templates
+(``bos_token``, ``eos_token``, ``add_generation_prompt``, ``raise_exception``,
+``strftime_now``), so a model's own template renders here as it does in ``transformers``.
+A model file without one gets Gemma 3's (:data:`GEMMA_TEMPLATE`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Literal, NoReturn, TypedDict
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+
+from .errors import InvalidParameterError, ModelError
+
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant"]
+GEMMA_TEMPLATE_FILE = Path(__file__).with_name("data") / "gemma3-chat-template.jinja"
+"""Gemma 3's chat template, as Google publishes it in the instruction-tuned models'
+``tokenizer_config.json``: used for a model file that carries no template of its own."""
+
+
+class TextPart(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(TypedDict):
+    """One turn of a conversation, as the OpenAI API and ``transformers`` spell it."""
+
+    role: Role
+    content: str | list[TextPart]
+
+
+@cache
+def gemma_template() -> str:
+    return GEMMA_TEMPLATE_FILE.read_text(encoding="utf-8")
+
+
+def _raise(message: str) -> NoReturn:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: object, indent: int | None = None) -> str:
+    # Hugging Face's tojson keeps non-ASCII text as it is; Jinja's own escapes it for HTML.
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A compiled chat template and the special-token texts it is rendered with."""
+
+    source: str
+    bos_token: str
+    eos_token: str
+    builtin: bool
+    """Whether this is Gemma 3's template, used because the model file has none."""
+
+    def __post_init__(self) -> None:
+        _compile(self.source)  # a broken template fails here, not at the first chat
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of ``messages``; a template's own refusal is an InvalidParameterError."""
+        try:
+            return _compile(self.source).render(
+                messages=[dict(m) for m in messages],
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidParameterError(f"the chat template refused the messages: {exc}") from None
+        except (TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise InvalidParameterError(
+                f"the chat template failed on the messages ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+@cache
+def _compile(source: str) -> jinja2.Template:
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise
+    environment.globals["strftime_now"] = _now
+    try:
+        return environment.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InvalidParameterError(
+            f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message})"
+        ) from None
+
+
+def check_messages(messages: object) -> list[Message]:
+    """``messages`` as a list of well-formed messages, or an InvalidParameterError saying why."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise InvalidParameterError(
+            'messages must be a list of {"role": ..., "content": ...} dicts, '
+            f"got {type(messages).__name__}"
+        )
+    if not messages:
+        raise InvalidParameterError("messages must hold at least one message")
+    checked: list[Message] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, Mapping):
+            raise InvalidParameterError(f"{where} must be a dict, got {type(message).__name__}")
+        unknown = set(message) - {"role", "content", "name"}
+        if unknown:
+            raise InvalidParameterError(f"{where} has unknown keys {sorted(unknown)}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidParameterError(f"{where}: role must be one of {list(ROLES)}, got {role!r}")
+        checked.append({"role": role, "content": _check_content(message.get("content"), where)})
+    if checked[-1]["role"] != "user":
+        raise InvalidParameterError(
+            f"the last message must be the user's (the model answers it), not the {checked[-1]['role']}'s"
+        )
+    return checked
+
+
+def _check_content(content: object, where: str) -> str | list[TextPart]:
+    if isinstance(content, str):
+        _check_text(content, where)
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, Mapping)) and content:
+        parts: list[TextPart] = []
+        for i, part in enumerate(content):
+            if not (
+                isinstance(part, Mapping)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+                and set(part) == {"type", "text"}
+            ):
+                raise InvalidParameterError(
+                    f'{where}.content[{i}] must be {{"type": "text", "text": ...}}: '
+                    "only text content is supported"
+                )
+            _check_text(part["text"], f"{where}.content[{i}]")
+            parts.append({"type": "text", "text": part["text"]})
+        return parts
+    raise InvalidParameterError(
+        f"{where}.content must be a string or a non-empty list of text parts, got {content!r:.80}"
+    )
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameterError(f"{where} is not valid Unicode (lone surrogates)") from None
+
+
+def droppable_turns(messages: Sequence[Message]) -> list[int]:
+    """How many leading messages may be dropped, oldest first, each leaving a conversation
+    that still starts with the system message (if any) and then a user turn.
+
+    The counts exclude the system message, which is never dropped, and never take the last
+    message: a truncated conversation still asks the same question.
+    """
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    rest = messages[start:]
+    return [n for n in range(1, len(rest)) if rest[n]["role"] == "user"]
+
+
+def without_turns(messages: Sequence[Message], count: int) -> list[Message]:
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    return [*messages[:start], *messages[start + count :]]
+
+
+def folder_template(folder: Path) -> str | None:
+    """The chat template of a Hugging Face style model folder: ``chat_template.jinja`` (what
+    transformers writes since v4.50), else ``chat_template`` in ``tokenizer_config.json``
+    (a string, or a list of named templates of which "default" is the one for chat)."""
+    jinja = folder / "chat_template.jinja"
+    config = folder / "tokenizer_config.json"
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8") or None
+        if not config.is_file():
+            return None
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"cannot read the chat template in {folder}: {exc}") from None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None

@@ -1,0 +1,853 @@
+"""``edgegemma serve``: an OpenAI-compatible HTTP server over one engine.
+
+Any OpenAI client can use it: ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (``stream`` as server-sent events), plus ``GET /health``. The
+adapter comes with the model name: ``gemma3-270m:sensor`` is the base model with the adapter
+loaded as ``sensor``; the ``adapters`` field (``{"sensor": 0.5}``) is an extension for scales
+and sets of adapters.
+
+All requests share one engine, and one worker thread runs their generations in arrival order:
+a request never sees another's adapters or KV cache, and the event loop is never blocked by
+the model. A client that disconnects cancels its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import math
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import anyio
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from sse_starlette import EventSourceResponse
+    from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ModuleNotFoundError as exc:  # the server is an optional extra
+    raise ModuleNotFoundError(
+        f"edgegemma serve needs {exc.name}: pip install 'edgegemma[serve]'", name=exc.name
+    ) from None
+
+from . import __version__
+from .engine import ENGINE_ADAPTERS, OVERFLOW_POLICIES, Engine, Result, Stream, load
+from .errors import (
+    AdapterError,
+    BackendUnavailableError,
+    ContextOverflowError,
+    EdgeGemmaError,
+    InvalidParameterError,
+)
+from .models import default_model, looks_like_a_name
+
+DEFAULT_PORT = 8080
+MAX_BODY_BYTES = 4 << 20
+"""Requests larger than this are refused with 413 (a 32k-token prompt is ~130 KB)."""
+_FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = (
+            status,
+            message,
+            kind,
+            code,
+            param,
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _api_error(exc: EdgeGemmaError) -> APIError:
+    """The HTTP answer to an engine error: the request's fault (4xx) unless the model failed."""
+    if isinstance(exc, ContextOverflowError):
+        return APIError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, (InvalidParameterError, BackendUnavailableError)):
+        return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, AdapterError):
+        return APIError(404, str(exc), code="model_not_found", param="model")
+    return APIError(500, str(exc), kind="server_error", code="engine_error")
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # Unknown fields and wrong types are refused, as the OpenAI API does, instead of being
+    # silently ignored or coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Extensions (llama-server has the same sampling ones).
+    top_k: int = 40
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    adapters: dict[str, float] | None = None
+    """The adapter set by name and scale; with a base model name only."""
+
+    def check_unsupported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, "only n=1 is supported", code="invalid_value", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise APIError(
+                    400,
+                    f"{name} is not supported; use repeat_penalty (an extension) instead",
+                    code="invalid_value",
+                    param=name,
+                )
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", code="invalid_value")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(
+                400, "stream_options needs stream=true", code="invalid_value", param="stream"
+            )
+
+    def options(self) -> dict[str, Any]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "seed": self.seed,
+            "stop": stops,
+        }
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo or self.suffix is not None or self.best_of not in (None, 1):
+            raise APIError(400, "echo, suffix and best_of are not supported", code="invalid_value")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one text, one list of token ids, or several texts."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts: list[str | list[int]] = [prompt]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if self.stream and len(prompts) != 1:
+            raise APIError(400, "a streamed completion takes one prompt", param="prompt")
+        return prompts
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(
+                400, "top_logprobs needs logprobs=true", code="invalid_value", param="logprobs"
+            )
+
+    def options(self) -> dict[str, Any]:
+        options = super().options()
+        if self.max_completion_tokens is not None:
+            options["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            options["logprobs"] = self.top_logprobs or 0
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            options["json_schema"] = {"type": "object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(
+                    400,
+                    'response_format of type "json_schema" needs a json_schema object',
+                    param="response_format",
+                )
+            options["json_schema"] = fmt.json_schema.schema_
+        return options
+
+
+# -- generations -------------------------------------------------------------------------
+
+
+class _Run:
+    """One generation on the engine's worker thread; its Result (and, with ``pieces``, each
+    text piece) reaches the event loop through a queue. :meth:`cancel` ends it at the next
+    token.
+
+    Without ``pieces`` the event loop is not woken per token: on a small device its thread
+    would take CPU time from the model's threads (measured: +0.3 ms per token).
+    """
+
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        make: Callable[[], Stream],
+        record: Callable[[Result], None],
+        *,
+        pieces: bool,
+    ):
+        self._loop = asyncio.get_running_loop()
+        self._record = record
+        self._pieces = pieces
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._make = make
+        self._worker = self._loop.run_in_executor(executor, self._work)
+
+    def _put(self, kind: str, value: object) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+
+    def _work(self) -> None:
+        try:
+            if self._cancelled.is_set():  # its client left while it waited for its turn
+                self._put("done", None)
+                return
+            stream = self._make()
+            with stream:
+                for piece in stream:
+                    if self._pieces:
+                        self._put("piece", piece)
+                    if self._cancelled.is_set():
+                        break
+            self._record(stream.result)
+            self._put("done", stream.result)
+        except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
+            self._put("error", exc)
+
+    async def next(self) -> str | Result | None:
+        """The next piece of text, then the Result, then None; engine errors are raised."""
+        kind, value = await self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def finish(self) -> None:
+        """Cancel the generation and wait until the worker has left it."""
+        self._cancelled.set()
+        with anyio.CancelScope(shield=True):  # a cancelled request still waits for its worker
+            await self._worker
+
+
+class Server:
+    """The state the routes share: the engine, its worker thread and the model names."""
+
+    def __init__(self, engine: Engine, model: str, api_key: str | None):
+        self.engine = engine
+        self.model = model
+        self.api_key = api_key
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgegemma-engine")
+        self.created = int(time.time())
+        self.generations: Counter[str] = Counter()
+        """Generations run, by finish reason (``cancelled``: the client left)."""
+
+    def _record(self, result: Result) -> None:
+        self.generations[result.finish_reason] += 1  # only the worker thread writes
+
+    def model_ids(self) -> list[str]:
+        return [self.model, *(f"{self.model}:{name}" for name in self.engine.adapters)]
+
+    def adapters_for(self, request: _Sampling) -> Any:
+        """The adapter set a request's model name and ``adapters`` field stand for."""
+        base, sep, adapter = request.model.partition(":")
+        if base != self.model or (sep and adapter not in self.engine.adapters):
+            raise APIError(
+                404,
+                f"the model {request.model!r} does not exist; this server has "
+                f"{', '.join(self.model_ids())}",
+                code="model_not_found",
+                param="model",
+            )
+        if sep and request.adapters is not None:
+            raise APIError(
+                400,
+                "name the adapter either in the model or in adapters, not both",
+                param="adapters",
+            )
+        if sep:
+            return {adapter: 1.0}
+        if request.adapters is not None:
+            return request.adapters
+        return ENGINE_ADAPTERS
+
+    async def start(
+        self, make: Callable[[], Stream], *, pieces: bool
+    ) -> tuple[_Run, str | Result | None]:
+        """Start a generation and wait for its first piece (or its Result), so that a request
+        the engine refuses is answered with an error status before any of the response is
+        sent."""
+        run = _Run(self.executor, make, self._record, pieces=pieces)
+        try:
+            first = await run.next()
+        except EdgeGemmaError as exc:
+            raise _api_error(exc) from None
+        except BaseException:
+            await run.finish()
+            raise
+        return run, first
+
+
+async def _collect(run: _Run, first: str | Result | None, request: Request) -> Result:
+    """The Result of a generation whose client waits for the whole answer; the generation is
+    cancelled if the client disconnects."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        run.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        item = first
+        while not isinstance(item, Result):
+            if item is None:
+                raise APIError(499, "the client closed the request", code="cancelled")
+            try:
+                item = await run.next()
+            except EdgeGemmaError as exc:
+                raise _api_error(exc) from None
+        return item
+    finally:
+        watcher.cancel()
+        await run.finish()
+
+
+def _usage(results: Sequence[Result]) -> dict[str, int]:
+    prompt = sum(r.stats.prompt_tokens for r in results)
+    completion = sum(r.stats.completion_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _timings(result: Result) -> dict[str, float]:
+    """The engine's own figures for the request, under llama-server's names."""
+    stats = result.stats
+    return {
+        "prompt_n": stats.prompt_tokens - stats.cached_tokens,
+        "cache_n": stats.cached_tokens,
+        "prompt_ms": stats.prefill_s * 1000,
+        "prompt_per_second": stats.prefill_tps,
+        "predicted_n": stats.completion_tokens,
+        "predicted_ms": stats.decode_s * 1000,
+        "predicted_per_second": stats.decode_tps,
+        "total_ms": stats.total_s * 1000,
+    }
+
+
+def _chat_logprobs(result: Result) -> dict[str, Any] | None:
+    if result.logprobs is None:
+        return None
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {
+                **entry(lp.text, lp.logprob),
+                "top_logprobs": [entry(t.text, t.logprob) for t in lp.top],
+            }
+            for lp in result.logprobs
+        ]
+    }
+
+
+def _completion_logprobs(result: Result) -> dict[str, Any] | None:
+    if result.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for lp in result.logprobs:
+        offsets.append(at)
+        at += len(lp.text)
+    return {
+        "tokens": [lp.text for lp in result.logprobs],
+        "token_logprobs": [_finite(lp.logprob) for lp in result.logprobs],
+        "top_logprobs": [{t.text: _finite(t.logprob) for t in lp.top} for lp in result.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _finite(value: float) -> float:
+    # JSON has no -Infinity: a token the sampler ruled out gets the lowest float instead.
+    return value if math.isfinite(value) else -3.4028234663852886e38
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a
+    Content-Length. The body is read here, so the application never holds more than that."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413, f"the request body is larger than {self.limit} bytes", code="request_too_large"
+        ).response()
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before it finished sending
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The ASGI application serving ``engine`` under the model name ``model``."""
+    server = Server(engine, model, api_key)
+    app = FastAPI(
+        title="edgegemma",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.server = server
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            message, where = f"the request body is not valid JSON: {first.get('msg', '')}", []
+        elif first.get("type") == "extra_forbidden":
+            message = f"unrecognized request argument supplied: {'.'.join(where)}"
+        elif not where:
+            message = "the request body must be a JSON object (Content-Type: application/json)"
+        else:
+            message = f"{'.'.join(where)}: {first.get('msg', 'invalid value')}"
+        return APIError(400, message, param=".".join(where) or None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        return APIError(
+            500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"
+        ).response()
+
+    async def authorized(request: Request) -> None:  # async: no thread hop per request
+        if server.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.encode(), server.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
+    guarded = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": server.model,
+            "backend": engine.backend_name,
+            "generations": dict(server.generations),
+        }
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(server, i) for i in server.model_ids()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def model_card(model_id: str) -> dict[str, Any]:
+        if model_id not in server.model_ids():
+            raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found")
+        return _model_card(server, model_id)
+
+    @app.post("/v1/completions", dependencies=guarded, response_model=None)
+    async def completions(
+        body: CompletionRequest, request: Request
+    ) -> JSONResponse | EventSourceResponse:
+        body.check_unsupported()
+        adapters = server.adapters_for(body)
+        options = {**body.options(), "adapters": adapters, "logprobs": body.logprobs}
+        prompts = body.prompts()
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text: str, finish: str | None, index: int = 0) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+
+        if body.stream:
+            run, first = await server.start(
+                lambda: engine.stream(prompts[0], **options), pieces=True
+            )
+
+            async def events() -> AsyncIterator[dict[str, Any] | str]:
+                async for kind, value in _stream_items(run, first):
+                    if kind == "piece":
+                        yield json.dumps(chunk(value, None))
+                    elif kind == "result":
+                        yield json.dumps(chunk("", _FINISH[value.finish_reason]))
+                        if body.stream_options and body.stream_options.include_usage:
+                            yield json.dumps(
+                                {**chunk("", None), "choices": [], "usage": _usage([value])}
+                            )
+                    else:
+                        yield json.dumps(value)
+                yield "[DONE]"
+
+            return EventSourceResponse(events(), ping=15)
+
+        results = []
+        for prompt in prompts:
+            run, first = await server.start(
+                lambda prompt=prompt: engine.stream(prompt, **options),  # type: ignore[misc]
+                pieces=False,
+            )
+            results.append(await _collect(run, first, request))
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": _fingerprint(engine),
+                "choices": [
+                    {
+                        "index": i,
+                        "text": r.text,
+                        "logprobs": _completion_logprobs(r),
+                        "finish_reason": _FINISH[r.finish_reason],
+                    }
+                    for i, r in enumerate(results)
+                ],
+                "usage": _usage(results),
+                **({"timings": _timings(results[0])} if len(results) == 1 else {}),
+            }
+        )
+
+    @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> JSONResponse | EventSourceResponse:
+        body.check_unsupported()
+        adapters = server.adapters_for(body)
+        options = {**body.options(), "adapters": adapters}
+        if body.stream and body.logprobs:
+            raise APIError(400, "logprobs are only returned with stream=false", param="logprobs")
+        messages: list[Any] = [m.model_dump(exclude_none=True) for m in body.messages]
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        run, first = await server.start(
+            lambda: engine.stream_chat(messages, **options), pieces=body.stream
+        )
+
+        if body.stream:
+
+            def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+                return {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": body.model,
+                    "system_fingerprint": _fingerprint(engine),
+                    "choices": [
+                        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    ],
+                }
+
+            async def events() -> AsyncIterator[dict[str, Any] | str]:
+                yield json.dumps(chunk({"role": "assistant", "content": ""}, None))
+                async for kind, value in _stream_items(run, first):
+                    if kind == "piece":
+                        yield json.dumps(chunk({"content": value}, None))
+                    elif kind == "result":
+                        yield json.dumps(chunk({}, _FINISH[value.finish_reason]))
+                        if body.stream_options and body.stream_options.include_usage:
+                            yield json.dumps(
+                                {**chunk({}, None), "choices": [], "usage": _usage([value])}
+                            )
+                    else:
+                        yield json.dumps(value)
+                yield "[DONE]"
+
+            return EventSourceResponse(events(), ping=15)
+
+        result = await _collect(run, first, request)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": _fingerprint(engine),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "logprobs": _chat_logprobs(result),
+                        "finish_reason": _FINISH[result.finish_reason],
+                    }
+                ],
+                "usage": _usage([result]),
+                "timings": _timings(result),
+            }
+        )
+
+    return app
+
+
+async def _stream_items(run: _Run, first: str | Result | None) -> AsyncIterator[tuple[str, Any]]:
+    """("piece", text)..., then ("result", Result), or ("error", body) for an engine error
+    after the response has started. The generation is cancelled if the client leaves."""
+    try:
+        item = first
+        while item is not None:
+            if isinstance(item, Result):
+                yield "result", item
+                return
+            yield "piece", item
+            try:
+                item = await run.next()
+            except EdgeGemmaError as exc:
+                yield "error", _api_error(exc).body()
+                return
+    finally:
+        await run.finish()
+
+
+def _model_card(server: Server, model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": server.created, "owned_by": "edgegemma"}
+
+
+def _fingerprint(engine: Engine) -> str:
+    return f"edgegemma-{__version__}-{engine.backend_name}"
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgegemma serve",
+        description="Serve a model and its adapters over the OpenAI HTTP API.",
+        epilog="The adapter NAME is used as MODEL:NAME, e.g. gemma3-270m:sensor.",
+    )
+    parser.add_argument("--model", default=None, help="models.lock name or file path")
+    parser.add_argument("--backend", help="default: chosen from the model file")
+    parser.add_argument(
+        "--name", help="the model id clients send (default: the model's name or file stem)"
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="load an adapter, served as MODEL:NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="default: %(default)s (this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1")
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
+    parser.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    options = _parser().parse_args(argv)
+    adapters = [_parse_adapter(spec) for spec in options.adapter]
+    model = options.model or default_model(options.backend)
+    name = options.name or (model if looks_like_a_name(model) else Path(model).stem)
+    if ":" in name:
+        raise InvalidParameterError(f"the model id must not contain ':', got {name!r}")
+    with load(
+        options.model,
+        backend=options.backend,
+        n_ctx=options.n_ctx,
+        n_threads=options.threads,
+        on_overflow=options.on_overflow,
+    ) as engine:
+        for adapter, path in adapters:
+            engine.load_adapter(adapter, path)
+        app = create_app(
+            engine, model=name, api_key=options.api_key, max_body_bytes=options.max_body_bytes
+        )
+        config = uvicorn.Config(
+            app,
+            host=options.host,
+            port=options.port,
+            log_level=options.log_level,
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        ids = ", ".join(app.state.server.model_ids())
+        print(
+            f"edgegemma serve: http://{options.host}:{options.port}/v1 ({engine.backend_name}; "
+            f"models: {ids})",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.run()
+    return 0
+
+
+def _parse_adapter(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path or ":" in name:
+        raise InvalidParameterError(f"--adapter takes NAME=PATH (NAME without ':'), got {spec!r}")
+    return name, path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,511 @@
+"""`edgegemma serve` with real clients: the official openai package, httpx and curl, against a
+server process on a free local port, on the real model, on every backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+from conftest import PROMPT
+from test_hostile import BACKENDS, backend_model, engines  # noqa: F401 (a fixture)
+
+from edgegemma import skills
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+NAME = "gemma3-270m"
+SENSOR = skills.examples("sensor", "test")[:6]
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(log_dir: Path, *args: str) -> Served:
+    port = _free_port()
+    log = log_dir / f"serve-{port}.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgegemma", "serve", "--port", str(port), *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    served = Served(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}):\n{log.read_text()}")
+        try:
+            if httpx.get(f"{served.url}/health", timeout=2).status_code == 200:
+                return served
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the server did not start:\n{log.read_text()}")
+
+
+def stop_server(served: Served) -> None:
+    served.process.terminate()
+    try:
+        served.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        served.process.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, gguf_path) -> Iterator:
+    """``servers(backend)``: a server of the backend's model with the sensor adapter, one per
+    backend and module (API key required)."""
+    started: dict[str, Served] = {}
+    logs = tmp_path_factory.mktemp("serve")
+
+    def get(backend: str) -> Served:
+        if backend not in started:
+            adapter = skills.adapter_path("sensor", backend, model=str(gguf_path))
+            started[backend] = start_server(
+                logs,
+                "--model", str(backend_model(backend, gguf_path)),
+                "--backend", backend,
+                "--name", NAME,
+                "--adapter", f"sensor={adapter}",
+                "--api-key", KEY,
+                "--n-ctx", "512",
+                "--threads", "2",
+            )  # fmt: skip
+        return started[backend]
+
+    yield get
+    for served in started.values():
+        stop_server(served)
+
+
+@pytest.fixture(scope="module")
+def reference(engines, gguf_path):  # noqa: F811 (engines is the imported fixture)
+    """``reference(backend)``: the in-process engine of the backend, with the sensor adapter."""
+
+    def get(backend: str):
+        engine, _ = engines(backend)
+        if "sensor" not in engine.adapters:
+            engine.load_adapter(
+                "sensor", skills.adapter_path("sensor", backend, model=str(gguf_path))
+            )
+        return engine
+
+    return get
+
+
+# -- every backend -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_serves_chat_and_adapters_by_model_name(servers, reference, backend):
+    served, engine = servers(backend), reference(backend)
+    client = served.client()
+    assert [m.id for m in client.models.list()] == [NAME, f"{NAME}:sensor"]
+
+    answer = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=12, temperature=0)
+    expected = engine.chat(CHAT, max_tokens=12, adapters=None)
+    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].finish_reason == expected.finish_reason
+    assert answer.usage.prompt_tokens == expected.stats.prompt_tokens
+    assert answer.usage.completion_tokens == expected.stats.completion_tokens
+
+    for example in SENSOR[:3]:
+        with_adapter = client.completions.create(
+            model=f"{NAME}:sensor", prompt=example.prompt, max_tokens=4, temperature=0
+        )
+        wanted = engine.generate(example.prompt, max_tokens=4, adapters={"sensor": 1.0})
+        assert with_adapter.choices[0].text == wanted.text
+        bare = client.completions.create(
+            model=NAME, prompt=example.prompt, max_tokens=4, temperature=0
+        )
+        assert (
+            bare.choices[0].text
+            == engine.generate(example.prompt, max_tokens=4, adapters=None).text
+        )
+
+    pieces = client.chat.completions.create(
+        model=f"{NAME}:sensor", messages=CHAT, max_tokens=10, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices)
+    assert streamed == engine.chat(CHAT, max_tokens=10, adapters={"sensor": 1.0}).text
+
+
+# -- llama.cpp: the whole API --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(servers) -> Served:
+    return servers("llamacpp")
+
+
+@pytest.fixture(scope="module")
+def engine(reference):
+    return reference("llamacpp")
+
+
+def test_streamed_chat_reports_usage_and_ends_with_done(served, engine):
+    client = served.client()
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=CHAT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    expected = engine.chat(CHAT, max_tokens=12, adapters=None)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_streamed_completion_is_the_whole_completion(served, engine):
+    client = served.client()
+    pieces = client.completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=10, temperature=0, stream=True
+    )
+    text = "".join(chunk.choices[0].text for chunk in pieces)
+    assert text == engine.generate(PROMPT, max_tokens=10, adapters=None).text
+
+
+def test_scales_and_adapter_sets_through_the_adapters_extension(served, engine):
+    client = served.client()
+    prompt = SENSOR[0].prompt
+    half = client.completions.create(
+        model=NAME,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"adapters": {"sensor": 0.5}},
+    )
+    assert (
+        half.choices[0].text == engine.generate(prompt, max_tokens=6, adapters={"sensor": 0.5}).text
+    )
+    none = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body={"adapters": {}}
+    )
+    assert none.choices[0].text == engine.generate(prompt, max_tokens=6, adapters=None).text
+
+
+def test_sampling_with_a_seed_is_reproducible(served):
+    client = served.client()
+    runs = [
+        client.completions.create(
+            model=NAME, prompt=PROMPT, max_tokens=12, temperature=0.9, top_p=0.9, seed=7
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_stop_strings_end_the_completion(served, engine):
+    client = served.client()
+    full = engine.generate(PROMPT, max_tokens=12, adapters=None).text
+    stop = full.split()[2]
+    cut = client.completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_engines(served, engine):
+    client = served.client()
+    answer = client.chat.completions.create(
+        model=NAME, messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    expected = engine.chat(CHAT, max_tokens=5, adapters=None, logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert [c.token for c in content] == [lp.text for lp in expected.logprobs]
+    for got, want in zip(content, expected.logprobs):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [t.text for t in want.top]
+    legacy = client.completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2
+    )
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+
+
+def test_response_format_json_schema(served):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "big": {"type": "boolean"}},
+        "required": ["city", "big"],
+        "additionalProperties": False,
+    }
+    client = served.client()
+    answer = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Name a city as JSON."}],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+    anything = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "JSON please."}],
+        max_tokens=24,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_fifty_concurrent_clients_with_different_adapters(served, engine):
+    prompts = [e.prompt for e in SENSOR]
+    models = [NAME, f"{NAME}:sensor"]
+    expected = {
+        (model, prompt): engine.generate(
+            prompt, max_tokens=3, adapters={"sensor": 1.0} if model.endswith("sensor") else None
+        ).text
+        for model in models
+        for prompt in prompts
+    }
+    answers: dict[int, tuple[str, str, str]] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        model, prompt = models[i % 2], prompts[i % len(prompts)]
+        try:
+            got = served.client().completions.create(
+                model=model, prompt=prompt, max_tokens=3, temperature=0
+            )
+            answers[i] = (model, prompt, got.choices[0].text)
+        except Exception as exc:  # noqa: BLE001 -- reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(answers) == 50
+    for model, prompt, text in answers.values():
+        assert text == expected[(model, prompt)], (model, prompt)
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_generation(served, engine):
+    before = served.health()["generations"].get("cancelled", 0)
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{served.url}/v1/completions", json=body, headers=headers
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [line for _, line in zip(range(6), lines) if line.startswith("data:")]
+        assert received
+    deadline = time.monotonic() + 60
+    while served.health()["generations"].get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.1)
+    answer = served.client().completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=6, temperature=0
+    )
+    assert answer.choices[0].text == engine.generate(PROMPT, max_tokens=6, adapters=None).text
+
+
+# -- misuse ----------------------------------------------------------------------------------
+
+GOOD_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+MISUSE = [
+    # (why, method, path, body (dict, or bytes sent raw), headers, status, error code)
+    ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": ', {}, 400, None),
+    ("a JSON array", "POST", "/v1/chat/completions", b"[1, 2]", {}, 400, None),
+    ("an unknown field", "POST", "/v1/chat/completions", {**GOOD_CHAT, "frobnicate": 1}, {}, 400, None),
+    ("a wrong type", "POST", "/v1/chat/completions", {**GOOD_CHAT, "max_tokens": "2"}, {}, 400, None),
+    ("no messages field", "POST", "/v1/chat/completions", {"model": NAME}, {}, 400, None),
+    ("an unknown role", "POST", "/v1/chat/completions",
+     {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, {}, 400, None),
+    ("an unknown model", "POST", "/v1/chat/completions", {**GOOD_CHAT, "model": "gpt-4o"}, {},
+     404, "model_not_found"),
+    ("an unknown adapter", "POST", "/v1/completions",
+     {"model": f"{NAME}:nope", "prompt": "x"}, {}, 404, "model_not_found"),
+    ("an unknown adapter in adapters", "POST", "/v1/completions",
+     {"model": NAME, "prompt": "x", "adapters": {"nope": 1.0}}, {}, 404, "model_not_found"),
+    ("adapter named twice", "POST", "/v1/completions",
+     {"model": f"{NAME}:sensor", "prompt": "x", "adapters": {"sensor": 1.0}}, {}, 400, None),
+    ("a prompt over the context", "POST", "/v1/completions",
+     {"model": NAME, "prompt": "word " * 2000, "max_tokens": 4}, {}, 400, "context_length_exceeded"),
+    ("a chat over the context", "POST", "/v1/chat/completions",
+     {**GOOD_CHAT, "messages": [{"role": "user", "content": "word " * 2000}]}, {}, 400,
+     "context_length_exceeded"),
+    ("a streamed prompt over the context", "POST", "/v1/completions",
+     {"model": NAME, "prompt": "word " * 2000, "stream": True}, {}, 400, "context_length_exceeded"),
+    ("negative max_tokens", "POST", "/v1/completions",
+     {"model": NAME, "prompt": "x", "max_tokens": -1}, {}, 400, "invalid_value"),
+    ("temperature out of range", "POST", "/v1/completions",
+     {"model": NAME, "prompt": "x", "temperature": -1.0}, {}, 400, "invalid_value"),
+    ("n of two", "POST", "/v1/completions", {"model": NAME, "prompt": "x", "n": 2}, {}, 400,
+     "invalid_value"),
+    ("a token id out of range", "POST", "/v1/completions",
+     {"model": NAME, "prompt": [2, 10**7]}, {}, 400, "invalid_value"),
+    ("roles not alternating", "POST", "/v1/chat/completions",
+     {**GOOD_CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     {}, 400, "invalid_value"),
+    ("top_logprobs without logprobs", "POST", "/v1/chat/completions",
+     {**GOOD_CHAT, "top_logprobs": 2}, {}, 400, "invalid_value"),
+    ("a missing API key", "POST", "/v1/chat/completions", GOOD_CHAT, {"Authorization": None},
+     401, "invalid_api_key"),
+    ("a wrong API key", "GET", "/v1/models", None, {"Authorization": "Bearer nope"}, 401,
+     "invalid_api_key"),
+    ("an unknown path", "GET", "/v1/engines", None, {}, 404, "not_found"),
+    ("a wrong method", "DELETE", "/v1/models", None, {}, 405, "method_not_allowed"),
+    ("a body over the limit", "POST", "/v1/completions",
+     {"model": NAME, "prompt": "x" * (5 << 20)}, {}, 413, "request_too_large"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("why", "method", "path", "body", "headers", "status", "code"),
+    MISUSE,
+    ids=[m[0] for m in MISUSE],
+)
+def test_misuse_gets_an_openai_error_and_the_server_stays_up(
+    served, why, method, path, body, headers, status, code
+):
+    sent = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers}
+    sent = {k: v for k, v in sent.items() if v is not None}
+    content = body if isinstance(body, bytes) else None if body is None else json.dumps(body)
+    response = httpx.request(method, served.url + path, content=content, headers=sent, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if code is not None:
+        assert error["code"] == code
+    assert served.health()["status"] == "ok"
+    ok = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        json=GOOD_CHAT,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert ok.status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_refused(served):
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "' + NAME.encode() + b'", "prompt": "'
+        for _ in range(6):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    response = httpx.post(
+        f"{served.url}/v1/completions",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_the_openai_client_raises_its_own_errors(served):
+    with pytest.raises(openai.AuthenticationError):
+        served.client(key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError):
+        served.client().chat.completions.create(model="nope", messages=CHAT)
+    with pytest.raises(openai.BadRequestError):
+        served.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=-3)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl(served, engine):
+    base = [
+        "curl",
+        "-sS",
+        "-H",
+        f"Authorization: Bearer {KEY}",
+        "-H",
+        "Content-Type: application/json",
+    ]
+    body = json.dumps({"model": NAME, "messages": CHAT, "max_tokens": 8, "temperature": 0})
+    done = subprocess.run(
+        [*base, "-d", body, f"{served.url}/v1/chat/completions"], capture_output=True, check=True
+    )
+    answer = json.loads(done.stdout)
+    assert (
+        answer["choices"][0]["message"]["content"]
+        == engine.chat(CHAT, max_tokens=8, adapters=None).text
+    )
+    streamed = subprocess.run(
+        [*base, "-N", "-d", json.dumps({**json.loads(body), "stream": True}),
+         f"{served.url}/v1/chat/completions"],
+        capture_output=True, check=True, text=True,
+    )  # fmt: skip
+    events = [
+        line[len("data: ") :] for line in streamed.stdout.splitlines() if line.startswith("data: ")
+    ]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == answer["choices"][0]["message"]["content"]
+    denied = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"{served.url}/v1/models"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert denied.stdout == "401"
+
+
+def test_without_the_server_extra_the_command_says_what_to_install():
+    blocked = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from edgegemma.cli import main; sys.exit(main(['serve']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocked], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1
+    assert "pip install 'edgegemma[serve]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_it_binds_to_localhost_by_default():
+    from edgegemma.serve import _parser
+
+    options = _parser().parse_args([])
+    assert options.host == "127.0.0.1"
