@@ -10,8 +10,8 @@ user there gets it. ``--runtimes`` also runs the onnx and mediapipe backends on 
 wheels (ONNX Runtime GenAI, LiteRT-LM) against the same builds here. Timings under emulation
 mean nothing and are not reported.
 
-    python benchmarks/arm64_emulated.py --runtimes --json benchmarks/results/arm64-emulated.json
-    python benchmarks/arm64_emulated.py --sensor-limit 300     # every held-out reading (slow)
+    python benchmarks/arm64_emulated.py --runtimes --sensor-limit 300 --json benchmarks/results/arm64-emulated.json
+    (about 30 minutes on 2 cores; the default --sensor-limit 60 takes 10)
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ hash of those (~25 MB).
 ``arm64_tools()`` cross-compiles the same two tools for Linux/Android arm64 with Debian's
 ``aarch64-linux-gnu`` compiler, as the Android recipe in docs/bench.md builds them (one static
 binary each, ``-march=armv8.2-a+dotprod``, no OpenMP): the whole vendored llama.cpp this time,
-so llama.cpp's ARM kernels and its Q4_0 repacking run, under ``qemu-aarch64 -cpu cortex-a76`` here
-(about 6 CPU-minutes to build; cached the same way, keyed by the version, the flags and the
-compiler's version).
+so llama.cpp's ARM kernels and its Q4_0 repacking run, under ``qemu-aarch64 -cpu cortex-a76``
+here. ``arm64_libraries()`` builds llama.cpp's shared libraries the way pip does, for the
+arm64 llama-cpp-python of tests/arm64_python.py. About 10 and 4 CPU-minutes, cached the same
+way, keyed by the version, the flags and the compiler's version.
 
 The sdist comes from ``$EDGEGEMMA_LLAMA_CPP_SDIST`` (a .tar.gz) or ``pip download``.
 """
