@@ -14,6 +14,7 @@ from edgegemma import (
     EngineClosedError,
     InvalidParameterError,
     ModelError,
+    skills,
 )
 
 FRANCE = " the capital of the country of France"
@@ -74,7 +75,8 @@ def test_max_tokens_zero_only_prefills(clean_engine):
     assert result.text == "" and result.token_ids == []
     assert result.finish_reason == "length"
     again = clean_engine.generate(PROMPT + " the", max_tokens=1)
-    assert again.stats.cached_tokens == 6  # the warmed prefix was reused
+    # The warmed prefix (6 tokens) was reused, down to a multiple of llama.cpp's row groups.
+    assert again.stats.cached_tokens == 4
 
 
 @pytest.mark.parametrize(
@@ -201,6 +203,22 @@ def test_prefix_cache_reuses_a_shared_prefix_and_matches_fresh_computation(clean
 FISHERMAN = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
+def test_prefix_reuse_keeps_the_kernels_row_groups(clean_engine):
+    # llama.cpp's repacked kernels multiply a batch's rows four at a time and round the rows
+    # left over differently: the backend reuses a prefix only down to a multiple of four, so
+    # these prompts' label log-probabilities after a reused prefix are the fresh ones (they
+    # were up to 0.2 apart before; docs/reliability.md says what still differs).
+    engine = clean_engine
+    instruction = "Classify the reading as normal, warning or critical.\nReading: "
+    prompts = [instruction + e.prompt for e in skills.examples("sensor", "test")[:6]]
+    fresh = []
+    for prompt in prompts:
+        engine.reset()
+        fresh.append(engine.classify(prompt, [" normal", " warning", " critical"]).logprobs)
+    warm = [engine.classify(p, [" normal", " warning", " critical"]).logprobs for p in prompts]
+    assert warm == fresh
+
+
 def test_no_prefix_reuse_under_adapters_by_default(clean_engine, lora_dir: Path):
     # Under a LoRA, llama.cpp's logits depend on how the prompt was batched: "exact" does not
     # reuse, so an answer never depends on the call before it.
@@ -217,7 +235,7 @@ def test_no_prefix_reuse_under_adapters_by_default(clean_engine, lora_dir: Path)
     engine.generate(FISHERMAN, max_tokens=1)
     assert (
         engine.generate(FISHERMAN + " told", max_tokens=4).stats.cached_tokens > 0
-    )  # no adapter: exact
+    )  # no adapter: reused
     with pytest.raises(InvalidParameterError, match="prefix_cache"):
         edgegemma.load(engine.model_path, prefix_cache="sometimes")
 

@@ -72,6 +72,34 @@ def test_classify_with_the_sensor_skill(opened, backend, gguf_path):
     assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
 
 
+def test_classify_many_batches_prompts_on_llamacpp(engine):
+    # One batch holds several prompts (their shared prefix evaluated once), the next batch
+    # the rest; labels of several tokens branch from each prompt inside the batch.
+    assert engine.features.batch
+    instruction = "Classify the reading as normal, warning or critical.\nReading: "
+    readings = [e.prompt for e in skills.examples("sensor", "test")[:14]]
+    prompts = [instruction + r for r in readings] + ["Hi", engine.tokenize("The capital of")]
+    labels = [" normal", " warning sign", " critical failure of the pump", " x"]
+    many = engine.classify_many(prompts, labels)
+    assert len(many) == len(prompts)
+    for prompt, found in zip(prompts, many):
+        engine.reset()
+        alone = engine.classify(prompt, labels)
+        assert found.prompt_tokens == alone.prompt_tokens
+        # Batched rows round differently in llama.cpp's kernels (docs: Batches): close, and
+        # the same label wherever the top two are not a near-tie.
+        for label in labels:
+            assert found.logprobs[label] == pytest.approx(alone.logprobs[label], abs=1.0, rel=0.05)
+        top, second = sorted(alone.logprobs.values(), reverse=True)[:2]
+        if top - second > 1.0:
+            assert found.label == alone.label
+    assert engine.classify_many([], labels) == []
+    # The batch leaves no sequence behind: a later call is the fresh computation.
+    engine.generate(PROMPT, max_tokens=1)
+    engine.classify_many(prompts[:2], labels)
+    assert engine.generate(PROMPT, max_tokens=1).stats.cached_tokens == 0
+
+
 HOSTILE_LABELS = [
     ("no labels", [], InvalidParameterError),
     ("a string, not a list", " normal", InvalidParameterError),
@@ -187,3 +215,25 @@ def test_generate_many_equals_one_call_each(engine):
     with pytest.raises(InvalidParameterError, match="list of prompts"):
         engine.generate_many("one string", max_tokens=2)
     assert isinstance(edgegemma.Classification, type)
+
+
+def test_classify_many_keeps_the_order_around_a_prompt_scored_alone(engine):
+    # A prompt too long to hold beside all its label branches is scored on its own, between
+    # the batches before and after it.
+    labels = [" normal", " warning sign", " critical alarm", " red alert"]
+    sizes = [len(engine.tokenize(label, add_bos=False)) for label in labels]
+    longest, branch_cells = max(sizes), sum(n - 1 for n in sizes if n > 1)
+    assert branch_cells > longest
+    long_prompt = engine.tokenize("word " * engine.n_ctx)[: engine.n_ctx - longest]
+    prompts = ["Reading: temp=20C\nStatus:", long_prompt, "Reading: temp=99C\nStatus:"]
+    many = engine.classify_many(prompts, labels)
+    assert [m.prompt_tokens for m in many] == [
+        len(engine.tokenize(prompts[0])),
+        len(long_prompt),
+        len(engine.tokenize(prompts[2])),
+    ]
+    for prompt, found in zip(prompts, many):
+        engine.reset()
+        alone = engine.classify(prompt, labels)
+        for label in labels:
+            assert found.logprobs[label] == pytest.approx(alone.logprobs[label], abs=1.0, rel=0.05)

@@ -16,10 +16,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self, TypedDict, Unpack
+from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
 import numpy as np
 
@@ -54,6 +54,8 @@ from .errors import (
 from .memory import peak_rss_mb
 from .sampling import OPTIONAL_SAMPLING, SamplingParams, check_float32
 from .threads import ThreadPolicy, default_threads, usable_cores
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("edgegemma")
 
@@ -673,6 +675,60 @@ class Engine:
             raise BackendUnavailableError(f"the {self.backend_name} backend cannot score labels")
         label_ids = self._label_ids(labels)
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
+        prompt_ids = self._classify_prompt_ids(prompt, label_ids)
+        started = time.perf_counter()
+        bound = self._bind(active)
+        try:
+            totals = self._score(prompt_ids, label_ids, bound)
+        finally:
+            self._unbind_all(bound)
+        return self._classification(
+            labels, totals, len(prompt_ids), time.perf_counter() - started, active
+        )
+
+    def classify_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        labels: Sequence[str],
+        *,
+        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+    ) -> list[Classification]:
+        """:meth:`classify` for each prompt, under one adapter set.
+
+        Where the backend evaluates several sequences together (llama.cpp), the prompts run
+        in batches: their common prefix once, each prompt as its own sequence of one shared
+        KV cache. The other backends run them one after another. Each result's ``seconds``
+        is its share of the whole call.
+        """
+        batch = _check_batch(prompts)
+        self._check_open()
+        if not self._backend.features.score:
+            raise BackendUnavailableError(f"the {self.backend_name} backend cannot score labels")
+        label_ids = self._label_ids(labels)  # bad labels fail before any prompt runs
+        active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
+        if not self._backend.features.batch:
+            return [self.classify(prompt, labels, adapters=active) for prompt in batch]
+        prompt_ids = [self._classify_prompt_ids(prompt, label_ids) for prompt in batch]
+        if not prompt_ids:
+            return []
+        started = time.perf_counter()
+        bound = self._bind(active)
+        try:
+            with self._exclusive():
+                self._forget_cache()  # the batch leaves no sequence in the backend
+                handles = [(loaded.handle, scale) for loaded, scale in bound]
+                totals = self._scoring(
+                    lambda: self._backend.score_many(prompt_ids, label_ids, adapters=handles)
+                )
+        finally:
+            self._unbind_all(bound)
+        share = (time.perf_counter() - started) / len(prompt_ids)
+        return [
+            self._classification(labels, values, len(ids), share, active)
+            for ids, values in zip(prompt_ids, totals)
+        ]
+
+    def _classify_prompt_ids(self, prompt: object, label_ids: list[list[int]]) -> list[int]:
         prompt_ids = self._prompt_ids(prompt)
         longest = max(len(ids) for ids in label_ids)
         if len(prompt_ids) + longest > self.n_ctx:
@@ -683,12 +739,16 @@ class Engine:
                 max_tokens=longest,
                 n_ctx=self.n_ctx,
             )
-        started = time.perf_counter()
-        bound = self._bind(active)
-        try:
-            totals = self._score(prompt_ids, label_ids, bound)
-        finally:
-            self._unbind_all(bound)
+        return prompt_ids
+
+    def _classification(
+        self,
+        labels: Sequence[str],
+        totals: Sequence[float],
+        prompt_tokens: int,
+        seconds: float,
+        active: Mapping[str, float],
+    ) -> Classification:
         values = np.asarray(totals, dtype=np.float64)
         if not np.isfinite(values).all():
             raise NumericalError(
@@ -702,23 +762,10 @@ class Engine:
             label=names[int(values.argmax())],
             scores={label: float(p) for label, p in zip(names, probabilities)},
             logprobs={label: float(v) for label, v in zip(names, values)},
-            prompt_tokens=len(prompt_ids),
-            seconds=time.perf_counter() - started,
+            prompt_tokens=prompt_tokens,
+            seconds=seconds,
             adapters=dict(active),
         )
-
-    def classify_many(
-        self,
-        prompts: Sequence[str | Sequence[int]],
-        labels: Sequence[str],
-        *,
-        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
-    ) -> list[Classification]:
-        """:meth:`classify` for each prompt, under one adapter set; the same results as one
-        call each (the calls are not batched yet: see the README)."""
-        batch = _check_batch(prompts)
-        self._label_ids(labels)  # bad labels fail before any prompt runs
-        return [self.classify(prompt, labels, adapters=adapters) for prompt in batch]
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Result]:
         """:meth:`generate` for each prompt with the same options; the same results as one
@@ -786,17 +833,23 @@ class Engine:
             if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
                 reuse = min(_common_prefix(self._cached_tokens, prompt), len(prompt) - 1)
             self._forget_cache()
-            try:
-                scores = self._backend.score(prompt, continuations, reuse=reuse, adapters=handles)
-            except EdgeGemmaError:
-                raise
-            except Exception as exc:
-                raise EdgeGemmaError(
-                    f"{self.backend_name} backend failed while scoring: {exc}"
-                ) from exc
+            scores = self._scoring(
+                lambda: self._backend.score(prompt, continuations, reuse=reuse, adapters=handles)
+            )
             self._cached_tokens = list(prompt)
             self._cached_key = key
             return scores
+
+    def _scoring(self, call: Callable[[], _T]) -> _T:
+        """``call()``, with a runtime's own exceptions reported as edgegemma errors."""
+        try:
+            return call()
+        except EdgeGemmaError:
+            raise
+        except Exception as exc:
+            raise EdgeGemmaError(
+                f"{self.backend_name} backend failed while scoring: {exc}"
+            ) from exc
 
     # -- chat ----------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ rewind) and returns how many it kept. ``next_token`` samples the next token and 
 to the sequence; evaluating it is the backend's business (llama.cpp and ONNX Runtime GenAI
 evaluate lazily on the following call, LiteRT-LM inside its own decode loop).
 
+One exception: a backend whose features say ``batch`` scores several prompts together with
+:meth:`Backend.score_many`, after which it holds no sequence.
+
 What a backend supports beyond that is declared on its class as :class:`Features` and
 checked once by the engine, before a call touches the KV cache; a backend never rejects a
 parameter by hand. Backends register in :mod:`edgegemma.backends`.
@@ -77,6 +80,8 @@ class Features:
     """The optional sampling controls it honours (see :data:`~edgegemma.sampling.OPTIONAL_SAMPLING`)."""
     score: bool = False
     """:meth:`Backend.score` works: classification and perplexity."""
+    batch: bool = False
+    """:meth:`Backend.score_many` works: several prompts scored in one pass of the model."""
     logits: bool = False
     """The runtime's logits are visible: :meth:`Backend.next_token` takes a token mask
     (constrained output) and :meth:`Backend.logits` gives the distribution (log-probabilities)."""
@@ -172,6 +177,18 @@ class Backend(ABC):
         that keeps no KV cache between calls). Only called when ``features.score`` is true.
         """
         raise NotImplementedError(f"{self.name} cannot score token sequences")
+
+    def score_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        *,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+    ) -> list[list[float]]:
+        """:meth:`score` of the same continuations after each prompt, the prompts evaluated
+        together as separate sequences. Afterwards the backend holds no sequence. Only
+        called when ``features.batch`` is true."""
+        raise NotImplementedError(f"{self.name} cannot score several sequences together")
 
     def shift(self, keep: int, discard: int) -> None:
         """Drop ``discard`` cached tokens after the first ``keep`` and close the gap.
