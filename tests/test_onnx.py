@@ -211,7 +211,8 @@ def _teacher_forced_top1(engine, ids: list[int]) -> list[int]:
     backend, greedy = engine._backend, SamplingParams()
     predictions = []
     for k in range(1, len(ids)):
-        assert backend.start(ids[:k], reuse=k - 1, adapters=[], sampling=greedy) == k - 1
+        # llama.cpp reuses down to a multiple of its kernels' four-row groups.
+        assert backend.start(ids[:k], reuse=k - 1, adapters=[], sampling=greedy) > k - 5
         predictions.append(backend.next_token())
     engine.reset()
     return predictions
