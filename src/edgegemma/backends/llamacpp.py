@@ -324,23 +324,23 @@ class LlamaCppBackend(Backend):
         adapters: Sequence[tuple[AdapterHandle, float]],
     ) -> list[float]:
         self.start(prompt, reuse=reuse, adapters=adapters, sampling=_GREEDY)
-        last = self._last_logits()[None, :].copy()
+        # Every continuation's first token, from the prompt's logits, before any branch
+        # overwrites them.
+        [firsts] = _target_log_probs(self._last_logits()[None, :], [[c[0] for c in continuations]])
         scores = []
         base = self._n_past
-        for continuation in continuations:
-            values = np.zeros(len(continuation), dtype=np.float64)
-            if len(continuation):
-                values[:1] = _target_log_probs(last, [continuation[:1]])[0]
+        for first, continuation in zip(firsts, continuations):
             # Each continuation branches from the prompt: its tokens but the last are
             # evaluated with logits for each.
             branch: list[_Entry] = [
                 (token, base + t, (0,), [continuation[t + 1]])
                 for t, token in enumerate(continuation[:-1])
             ]
+            rest = 0.0
             if branch:
-                values[1:] = np.concatenate(self._decode_entries(branch))
+                rest = float(np.concatenate(self._decode_entries(branch)).sum())
                 ll.llama_memory_seq_rm(self._memory, 0, base, -1)
-            scores.append(float(values.sum()))
+            scores.append(float(first) + rest)
         return scores
 
     def score_many(
@@ -357,37 +357,42 @@ class LlamaCppBackend(Backend):
         seqs_each = 1 + len(branches)
         scores: list[list[float]] = []
         group: list[Sequence[int]] = []
+        shared = group_tokens = 0  # the group's common prefix and its tokens, kept as it grows
         try:
             for prompt in prompts:
                 # Too many branches for one decode, or too long to keep them all: this prompt
                 # is scored alone, one branch at a time, as score() does.
                 alone = seqs_each > _MAX_SEQUENCES or len(prompt) + extra > self.info.n_ctx
-                joined = [*group, prompt]
-                shared = _common_prefix_length(joined)
-                cells = shared + sum(len(p) - shared + extra for p in joined)
-                if group and (
-                    alone or cells > _GROUP_TOKENS or len(joined) * seqs_each > _MAX_SEQUENCES
-                ):
-                    scores.extend(self._score_group(group, continuations))
-                    group = []
+                joined_shared = (
+                    min(shared, _common_prefix_length([group[0], prompt])) if group else len(prompt)
+                )
+                size = len(group) + 1
+                cells = joined_shared + group_tokens + len(prompt) - size * (joined_shared - extra)
+                if group and (alone or cells > _GROUP_TOKENS or size * seqs_each > _MAX_SEQUENCES):
+                    scores.extend(self._score_group(group, continuations, branches))
+                    group, group_tokens, joined_shared = [], 0, len(prompt)
                 if alone:
                     scores.append(self.score(prompt, continuations, reuse=0, adapters=adapters))
                     self._clear()
                 else:
                     group.append(prompt)
+                    group_tokens += len(prompt)
+                    shared = joined_shared
             if group:
-                scores.extend(self._score_group(group, continuations))
+                scores.extend(self._score_group(group, continuations, branches))
         finally:
             self._clear()
         return scores
 
     def _score_group(
-        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+        self,
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        branches: Sequence[Sequence[int]],
     ) -> list[list[float]]:
         """Score every continuation after every prompt in one pass: the prompts' common
         prefix once for all, each prompt's rest as its own sequence, each continuation of
-        several tokens as a sequence branching from its prompt."""
-        branches = [c for c in continuations if len(c) > 1]
+        several tokens (``branches``, in order) as a sequence branching from its prompt."""
         n = len(prompts)
         shared = min(_common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
         firsts = [c[0] for c in continuations]
@@ -405,14 +410,14 @@ class LlamaCppBackend(Backend):
                     entries.append((branch[t], len(prompt) + t, [own[1 + j]], [branch[t + 1]]))
         rows = iter(self._decode_entries(entries))
         self._clear()
-        scores = []
-        for _ in prompts:
-            first = next(rows)
-            tails = {id(b): sum(float(next(rows)[0]) for _ in range(len(b) - 1)) for b in branches}
-            scores.append(
-                [float(first[i]) + tails.get(id(c), 0.0) for i, c in enumerate(continuations)]
-            )
-        return scores
+        # Rows come per prompt: its last token's, then each branch's, in continuation order.
+        return [
+            [
+                float(first[i]) + sum(float(next(rows)[0]) for _ in range(len(c) - 1))
+                for i, c in enumerate(continuations)
+            ]
+            for first in (next(rows) for _ in prompts)
+        ]
 
     def _decode_entries(self, entries: Sequence[_Entry]) -> list[np.ndarray]:
         """Evaluate ``entries`` (token, position, sequence ids, targets or None) in batches;
