@@ -18,8 +18,10 @@ rewind) and returns how many it kept. ``next_token`` samples the next token and 
 to the sequence; evaluating it is the backend's business (llama.cpp and ONNX Runtime GenAI
 evaluate lazily on the following call, LiteRT-LM inside its own decode loop).
 
-One exception: a backend whose features say ``batch`` scores several prompts together with
-:meth:`Backend.score_many`, after which it holds no sequence.
+A backend whose features say ``batch`` also runs several sequences together: it scores
+prompts with :meth:`Backend.score_many`, and :meth:`Backend.batch` gives one
+:class:`BatchedSequence` per prompt, each driven like the backend itself (``start``, then
+``next_token``) while the backend evaluates all their pending tokens in one pass.
 
 What a backend supports beyond that is declared on its class as :class:`Features` and
 checked once by the engine, before a call touches the KV cache; a backend never rejects a
@@ -80,8 +82,9 @@ class Features:
     """The optional sampling controls it honours (see :data:`~edgegemma.sampling.OPTIONAL_SAMPLING`)."""
     score: bool = False
     """:meth:`Backend.score` works: classification and perplexity."""
-    batch: bool = False
-    """:meth:`Backend.score_many` works: several prompts scored in one pass of the model."""
+    batch: int = 0
+    """How many sequences :meth:`Backend.score_many` and :meth:`Backend.batch` evaluate in one
+    pass of the model (0: they do not work)."""
     logits: bool = False
     """The runtime's logits are visible: :meth:`Backend.next_token` takes a token mask
     (constrained output) and :meth:`Backend.logits` gives the distribution (log-probabilities)."""
@@ -190,6 +193,18 @@ class Backend(ABC):
         called when ``features.batch`` is true."""
         raise NotImplementedError(f"{self.name} cannot score several sequences together")
 
+    def batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> list[BatchedSequence]:
+        """One sequence per prompt, all evaluated together; the backend's own sequence is
+        gone. The prompts' tokens and the tokens each sequence generates must fit ``n_ctx``
+        together. Only called when ``features.batch`` is true."""
+        raise NotImplementedError(f"{self.name} cannot run several sequences together")
+
     def shift(self, keep: int, discard: int) -> None:
         """Drop ``discard`` cached tokens after the first ``keep`` and close the gap.
 
@@ -209,6 +224,33 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the native model, context and adapters. Called once."""
+
+
+class BatchedSequence(ABC):
+    """One sequence of :meth:`Backend.batch`, driven as the backend drives its own."""
+
+    @abstractmethod
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        """Accept ``tokens`` (the prompt this sequence was made for); reuses nothing."""
+
+    @abstractmethod
+    def next_token(self, mask: TokenMask | None = None) -> int:
+        """As :meth:`Backend.next_token`; evaluates every sequence's pending tokens at once."""
+
+    @abstractmethod
+    def logits(self) -> np.ndarray:
+        """As :meth:`Backend.logits`, for this sequence."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """This sequence is done: it is evaluated no further and its cache cells are freed."""
 
 
 def apply_mask(logits: np.ndarray, mask: TokenMask) -> None:

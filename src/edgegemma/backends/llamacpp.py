@@ -34,6 +34,7 @@ from .base import (
     AdapterHandle,
     Backend,
     BackendOptions,
+    BatchedSequence,
     Features,
     ModelInfo,
     TokenMask,
@@ -129,7 +130,7 @@ class LlamaCppBackend(Backend):
     features = Features(
         options=frozenset({"repack"}),
         score=True,
-        batch=True,
+        batch=_MAX_SEQUENCES,
         logits=True,
         adjustable_threads=True,
     )
@@ -199,7 +200,9 @@ class LlamaCppBackend(Backend):
             raise ModelError(f"llama.cpp could not load {path}: {_reason(lines)}")
         ctx_params = ll.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = _N_BATCH
+        # One decode may hold a whole context of tokens (batch(): every prompt at once);
+        # llama.cpp still computes them _N_BATCH at a time.
+        ctx_params.n_batch = n_ctx
         ctx_params.n_ubatch = _N_BATCH
         # One KV cache for every sequence: a sequence may use all of n_ctx, and sequences
         # that share a prefix share its cells (score_many).
@@ -458,6 +461,18 @@ class LlamaCppBackend(Backend):
         self._logit_views = {}
         return found
 
+    def batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> list[BatchedSequence]:
+        self._apply_adapters(adapters)
+        self._clear()
+        run = _Batch(self, prompts, sampling)
+        return [_Sequence(run, i) for i in range(len(prompts))]
+
     def _clear(self) -> None:
         """Forget every sequence in the KV cache."""
         ll.llama_memory_clear(self._memory, True)
@@ -512,6 +527,11 @@ class LlamaCppBackend(Backend):
         if self._sampler is not None:
             ll.llama_sampler_free(self._sampler)
             self._sampler = None
+        self._sampler = self._sampler_chain(sampling, history)
+
+    def _sampler_chain(
+        self, sampling: SamplingParams, history: Sequence[int]
+    ) -> ll.llama_sampler_p:
         params = ll.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = ll.llama_sampler_chain_init(params)
@@ -533,7 +553,7 @@ class LlamaCppBackend(Backend):
         if sampling.repeat_penalty != 1.0:
             for token in history[-sampling.repeat_last_n :]:
                 ll.llama_sampler_accept(chain, token)
-        self._sampler = chain
+        return chain
 
     def close(self) -> None:
         ll.llama_batch_free(self._batch)
@@ -547,6 +567,120 @@ class LlamaCppBackend(Backend):
         self._loaded.clear()
         ll.llama_free(self._ctx)
         ll.llama_model_free(self._model)
+
+
+class _Batch:
+    """Sequences of one :meth:`LlamaCppBackend.batch`. Each sequence's pending tokens (its
+    prompt, then each token it samples) are evaluated when it next wants a token, together
+    with every other sequence's: the engine drives them in lockstep, one token each per
+    round, so one decode serves a whole round."""
+
+    def __init__(
+        self, backend: LlamaCppBackend, prompts: Sequence[Sequence[int]], sampling: SamplingParams
+    ):
+        self.backend = backend
+        self.pending: dict[int, list[int]] = {i: list(p) for i, p in enumerate(prompts)}
+        self.positions = [0] * len(prompts)
+        self.rows: dict[int, int] = {}
+        """Sequence -> its logits' index in the last decode, until it samples from them."""
+        self.chosen_from: dict[int, np.ndarray] = {}
+        """Sequence -> the logits its last token was chosen from (valid until the next decode)."""
+        self.greedy = sampling.greedy and sampling.repeat_penalty == 1.0
+        self.samplers = (
+            [] if self.greedy else [backend._sampler_chain(sampling, prompt) for prompt in prompts]
+        )
+        size = max(sum(len(p) for p in prompts), len(prompts))
+        self.llama_batch = ll.llama_batch_init(size, 0, 1)
+
+    def sample(self, seq: int, mask: TokenMask | None) -> int:
+        """``seq``'s next token, from its newest logits (evaluating the round first)."""
+        row = self.rows.pop(seq, None)
+        if row is None:
+            self._evaluate()
+            row = self.rows.pop(seq)
+        pointer = ll.llama_get_logits_ith(self.backend._ctx, row)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.backend.info.vocab_size,))
+        if mask is not None:
+            apply_mask(logits, mask)  # in llama.cpp's buffer: its sampler sees it too
+        if self.greedy:
+            token = int(logits.argmax())
+        else:
+            token = ll.llama_sampler_sample(self.samplers[seq], self.backend._ctx, row)
+        if not math.isfinite(logits[token]):
+            raise NumericalError(_NON_FINITE)
+        self.chosen_from[seq] = logits
+        self.pending[seq] = [token]
+        return token
+
+    def finish(self, seq: int) -> None:
+        self.pending.pop(seq, None)
+        self.rows.pop(seq, None)
+        self.chosen_from.pop(seq, None)
+        ll.llama_memory_seq_rm(self.backend._memory, seq, -1, -1)
+        if not self.pending:
+            self.close()
+
+    def close(self) -> None:
+        for chain in self.samplers:
+            ll.llama_sampler_free(chain)
+        self.samplers = []
+        if self.llama_batch is not None:
+            ll.llama_batch_free(self.llama_batch)
+            self.llama_batch = None
+
+    def _evaluate(self) -> None:
+        if self.rows:
+            # Another sequence has logits it has not sampled from, which this decode would
+            # overwrite: the engine broke the lockstep.
+            raise EdgeGemmaError("batched sequences were driven out of step")
+        batch = self.llama_batch
+        assert batch is not None
+        n = 0
+        for seq, tokens in self.pending.items():
+            for k, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = self.positions[seq] + k
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = k == len(tokens) - 1
+                if k == len(tokens) - 1:
+                    self.rows[seq] = n
+                n += 1
+            self.positions[seq] += len(tokens)
+        batch.n_tokens = n
+        with _native_log.capture() as lines:
+            status = ll.llama_decode(self.backend._ctx, batch)
+        for seq in self.pending:
+            self.pending[seq] = []
+        if status != 0:
+            self.rows = {}
+            self.backend._clear()
+            raise EdgeGemmaError(f"llama_decode failed with status {status}: {_reason(lines)}")
+
+
+class _Sequence(BatchedSequence):
+    def __init__(self, run: _Batch, index: int):
+        self._run = run
+        self._index = index
+
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        return 0  # the prompt was given to batch(); it is evaluated with the others
+
+    def next_token(self, mask: TokenMask | None = None) -> int:
+        return self._run.sample(self._index, mask)
+
+    def logits(self) -> np.ndarray:
+        return self._run.chosen_from[self._index]
+
+    def finish(self) -> None:
+        self._run.finish(self._index)
 
 
 _Entry = tuple[int, int, Sequence[int], Sequence[int] | None]
