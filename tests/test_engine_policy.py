@@ -167,3 +167,31 @@ def test_a_closed_stream_cancels_and_the_engine_answers_again():
     stream.close()
     assert stream.result.finish_reason == "cancelled"
     assert engine.generate("p", max_tokens=10).text == "abcdef"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prompts=st.lists(st.text(st.characters(codec="ascii"), max_size=30), max_size=12),
+    stop=stops,
+    max_tokens=st.integers(0, 40),
+    n_ctx=st.sampled_from([64, 256]),
+)
+def test_generate_many_is_one_generate_each(prompts, stop, max_tokens, n_ctx):
+    # The answer depends on the prompt, so sequences that run together end at different
+    # rounds; the scripted sequences fail if one is driven a token ahead of another.
+    def reply(prompt: str, adapters: dict[str, float]) -> str:
+        return (prompt[::-1] + " é€ done")[: len(prompt) % 17 + 3]
+
+    backend = ScriptedBackend(reply, n_ctx=n_ctx)
+    engine = Engine(backend, model_path=Path("scripted"))
+    options = {"max_tokens": max_tokens, "stop": stop, "on_overflow": "truncate_left"}
+    together = engine.generate_many(prompts, **options)
+    alone = [engine.generate(p, **options) for p in prompts]
+    assert [(r.text, r.token_ids, r.finish_reason, r.finish_detail) for r in together] == [
+        (r.text, r.token_ids, r.finish_reason, r.finish_detail) for r in alone
+    ]
+    batches = [c.args["prompts"] for c in backend.calls if c.method == "batch"]
+    assert all(4 <= len(b) <= 8 for b in batches)
+    assert sum(len(b) for b in batches) <= len(prompts)
+    if len(prompts) >= 4 and max_tokens * 4 + 4 * 32 <= n_ctx:
+        assert batches, "prompts that fit together ran together"

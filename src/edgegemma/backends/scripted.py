@@ -26,9 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import AdapterError
 from ..sampling import OPTIONAL_SAMPLING, SamplingParams
-from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo, TokenMask
+from .base import (
+    AdapterHandle,
+    Backend,
+    BackendOptions,
+    BatchedSequence,
+    Features,
+    ModelInfo,
+    TokenMask,
+)
 
 BOS = 256
 EOS = 257
@@ -51,6 +61,7 @@ class ScriptedBackend(Backend):
         options=frozenset(),
         sampling=frozenset(OPTIONAL_SAMPLING),
         score=True,
+        batch=8,
         adjustable_threads=True,
     )
 
@@ -139,9 +150,7 @@ class ScriptedBackend(Backend):
                 "the engine promised a reusable prefix that the cache does not hold"
             )
         self.cache = list(tokens)
-        text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
-        answer = list(self._reply(text, adapter_set).encode("utf-8"))
-        self._pending = answer + [EOS] if self._end else answer * 1000 or [EOS]
+        self._pending = self._answer(tokens, adapter_set)
         return keep
 
     def next_token(self, mask: TokenMask | None = None) -> int:
@@ -164,6 +173,29 @@ class ScriptedBackend(Backend):
         self._pending = []
         return [float(sum(-1.0 - (t % 7) / 7 for t in c)) for c in continuations]
 
+    def batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> list[BatchedSequence]:
+        """Sequences answering as :meth:`start` would; they fail the test if the engine
+        drives one a token ahead of another (a real batch evaluates them in one pass)."""
+        adapter_set = {self.loaded[h].name: scale for h, scale in adapters}
+        self.calls.append(Call("batch", {"prompts": [list(p) for p in prompts]}))
+        self.cache = []
+        steps: dict[int, int] = {}
+        return [
+            _ScriptedSequence(self._answer(prompt, adapter_set), steps, i)
+            for i, prompt in enumerate(prompts)
+        ]
+
+    def _answer(self, tokens: Sequence[int], adapter_set: dict[str, float]) -> list[int]:
+        text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+        answer = list(self._reply(text, adapter_set).encode("utf-8"))
+        return answer + [EOS] if self._end else answer * 1000 or [EOS]
+
     def shift(self, keep: int, discard: int) -> None:
         self.calls.append(Call("shift", {"keep": keep, "discard": discard}))
         del self.cache[keep : keep + discard]
@@ -175,3 +207,33 @@ class ScriptedBackend(Backend):
     def close(self) -> None:
         self.calls.append(Call("close"))
         self.closed = True
+
+
+class _ScriptedSequence(BatchedSequence):
+    def __init__(self, answer: list[int], steps: dict[int, int], index: int):
+        self._answer = answer
+        self._steps = steps  # tokens taken so far by each unfinished sequence of the batch
+        self._index = index
+        steps[index] = 0
+
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        return 0
+
+    def next_token(self, mask: TokenMask | None = None) -> int:
+        if self._steps[self._index] > min(self._steps.values()):
+            raise AssertionError("the engine drove a batched sequence a token ahead of another")
+        self._steps[self._index] += 1
+        return self._answer.pop(0) if self._answer else EOS
+
+    def logits(self) -> np.ndarray:
+        raise NotImplementedError("the scripted backend shows no logits")
+
+    def finish(self) -> None:
+        self._steps.pop(self._index, None)
