@@ -195,3 +195,13 @@ def test_generate_many_is_one_generate_each(prompts, stop, max_tokens, n_ctx):
     assert sum(len(b) for b in batches) <= len(prompts)
     if len(prompts) >= 4 and max_tokens * 4 + 4 * 32 <= n_ctx:
         assert batches, "prompts that fit together ran together"
+
+
+def test_classify_many_is_one_classify_each():
+    engine = Engine(ScriptedBackend(lambda p, a: "ok"), model_path=Path("scripted"))
+    prompts = ["a", "bc", "déf", ""]
+    labels = [" x", " yz", " é"]
+    together = engine.classify_many(prompts, labels)
+    assert [(c.label, c.logprobs) for c in together] == [
+        (c.label, c.logprobs) for c in (engine.classify(p, labels) for p in prompts)
+    ]

@@ -173,6 +173,17 @@ class ScriptedBackend(Backend):
         self._pending = []
         return [float(sum(-1.0 - (t % 7) / 7 for t in c)) for c in continuations]
 
+    def score_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        *,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+    ) -> list[list[float]]:
+        scores = [self.score(p, continuations, reuse=0, adapters=adapters) for p in prompts]
+        self.cache = []
+        return scores
+
     def batch(
         self,
         prompts: Sequence[Sequence[int]],
