@@ -8,6 +8,8 @@ KV cache key across adapter sets, thread-count following.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,12 @@ from edgegemma.threads import ThreadPolicy
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
 stops = st.lists(st.text(min_size=1, max_size=4), max_size=3)
+
+
+class SameLengthBackend(ScriptedBackend):
+    """Batches prompts of one length only, from two on: what ONNX Runtime GenAI declares."""
+
+    features = dataclasses.replace(ScriptedBackend.features, batch_min=2, batch_same_length=True)
 
 
 def engine_for(reply: str, **options: object) -> tuple[Engine, ScriptedBackend]:
@@ -175,14 +183,15 @@ def test_a_closed_stream_cancels_and_the_engine_answers_again():
     stop=stops,
     max_tokens=st.integers(0, 40),
     n_ctx=st.sampled_from([64, 256]),
+    kind=st.sampled_from([ScriptedBackend, SameLengthBackend]),
 )
-def test_generate_many_is_one_generate_each(prompts, stop, max_tokens, n_ctx):
+def test_generate_many_is_one_generate_each(prompts, stop, max_tokens, n_ctx, kind):
     # The answer depends on the prompt, so sequences that run together end at different
     # rounds; the scripted sequences fail if one is driven a token ahead of another.
     def reply(prompt: str, adapters: dict[str, float]) -> str:
         return (prompt[::-1] + " é€ done")[: len(prompt) % 17 + 3]
 
-    backend = ScriptedBackend(reply, n_ctx=n_ctx)
+    backend = kind(reply, n_ctx=n_ctx)
     engine = Engine(backend, model_path=Path("scripted"))
     options = {"max_tokens": max_tokens, "stop": stop, "on_overflow": "truncate_left"}
     together = engine.generate_many(prompts, **options)
@@ -190,18 +199,29 @@ def test_generate_many_is_one_generate_each(prompts, stop, max_tokens, n_ctx):
     assert [(r.text, r.token_ids, r.finish_reason, r.finish_detail) for r in together] == [
         (r.text, r.token_ids, r.finish_reason, r.finish_detail) for r in alone
     ]
+    # (the scripted backend fails a batch of the wrong size or of mixed lengths where its
+    # features ask for one length)
     batches = [c.args["prompts"] for c in backend.calls if c.method == "batch"]
-    assert all(4 <= len(b) <= 8 for b in batches)
     assert sum(len(b) for b in batches) <= len(prompts)
-    if len(prompts) >= 4 and max_tokens * 4 + 4 * 32 <= n_ctx:
+    fewest = kind.features.batch_min
+    if kind.features.batch_same_length:  # prompts are at most 30 bytes: nothing is truncated
+        lengths = Counter(len(p.encode()) for p in prompts)
+        enough = any(n >= fewest for n in lengths.values())
+    else:
+        enough = len(prompts) >= fewest
+    if enough and max_tokens * fewest + fewest * 32 <= n_ctx:
         assert batches, "prompts that fit together ran together"
 
 
-def test_classify_many_is_one_classify_each():
-    engine = Engine(ScriptedBackend(lambda p, a: "ok"), model_path=Path("scripted"))
-    prompts = ["a", "bc", "déf", ""]
+@pytest.mark.parametrize("kind", [ScriptedBackend, SameLengthBackend])
+def test_classify_many_is_one_classify_each(kind):
+    backend = kind(lambda p, a: "ok")
+    engine = Engine(backend, model_path=Path("scripted"))
+    prompts = ["a", "bc", "déf", "", "xy", "b"]
     labels = [" x", " yz", " é"]
     together = engine.classify_many(prompts, labels)
     assert [(c.label, c.logprobs) for c in together] == [
         (c.label, c.logprobs) for c in (engine.classify(p, labels) for p in prompts)
     ]
+    groups = [c.args["prompts"] for c in backend.calls if c.method == "score_many"]
+    assert sorted(map(len, groups)) == ([1, 1, 2, 2] if kind.features.batch_same_length else [6])

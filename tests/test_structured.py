@@ -11,7 +11,14 @@ from conftest import PROMPT
 from test_hostile import BACKENDS, engines  # noqa: F401 (a fixture)
 
 import edgegemma
-from edgegemma import BackendUnavailableError, ContextOverflowError, InvalidParameterError, skills
+from edgegemma import (
+    BackendUnavailableError,
+    ContextOverflowError,
+    EdgeGemmaError,
+    InvalidParameterError,
+    skills,
+)
+from edgegemma.sampling import SamplingParams
 
 LOGITS = ["llamacpp", "onnx"]
 SCHEMA = {
@@ -276,3 +283,57 @@ def test_classify_many_keeps_the_order_around_a_prompt_scored_alone(engine):
         alone = engine.classify(prompt, labels)
         for label in labels:
             assert found.logprobs[label] == pytest.approx(alone.logprobs[label], abs=1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("backend", ["onnx"])
+def test_onnx_runs_prompts_of_one_length_together(opened, backend):
+    engine, reference = opened
+    assert engine.features.batch and engine.features.batch_same_length
+    # Three prompts of one length run as one batch of the runtime; the others alone.
+    prompts = [
+        "The capital of France is",
+        "The capital of Spain is",
+        "The capital of Italy is",
+        "Once upon a time",
+        [2, 818, 5279],
+    ]
+    lengths = [len(engine.tokenize(p)) if isinstance(p, str) else len(p) for p in prompts]
+    assert lengths[0] == lengths[1] == lengths[2] != lengths[3]
+    many = engine.generate_many(prompts, max_tokens=12, stop=["\n\n"])
+    for prompt, found in zip(prompts, many):
+        alone = engine.generate(prompt, max_tokens=12, stop=["\n\n"])
+        assert _agrees_but_for_near_ties(engine, prompt, found, alone)
+        assert found.stats.completion_tokens == len(found.token_ids) <= 12
+    choices = [" Paris", " Madrid", " a city"]
+    constrained = engine.generate_many(prompts[:3], choices=choices, logprobs=2)
+    for found in constrained:
+        assert found.text in choices and found.finish_reason == "stop"
+        assert found.logprobs is not None and len(found.logprobs) == len(found.token_ids)
+    # Prompts of one length are classified in one pass; labels of several tokens one prompt
+    # at a time. The runtime's batched rows score as one prompt alone does.
+    readings = [f"Reading: temp={t}C vib=0.{t % 10}g\nStatus:" for t in (21, 48, 77, 95, 103)]
+    for labels in (LABELS, [" normal", " warning sign", " critical"]):
+        for found, prompt in zip(engine.classify_many(readings, labels), readings):
+            alone = engine.classify(prompt, labels)
+            assert found.label == alone.label
+            for label in labels:
+                assert found.logprobs[label] == pytest.approx(alone.logprobs[label], abs=1e-3)
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", ["onnx"])
+def test_onnx_batched_sequences_are_driven_in_lockstep(opened, backend):
+    engine, reference = opened
+    sequences = engine._backend.batch(
+        [[2, 818, 5279], [2, 818, 5280]], max_tokens=4, adapters=[], sampling=SamplingParams()
+    )
+    first = sequences[0].next_token()
+    with pytest.raises(EdgeGemmaError, match="out of step"):
+        sequences[0].next_token()  # before the other sequence took its token
+    sequences[1].next_token()
+    second = sequences[0].next_token()  # the round is evaluated now
+    for sequence in sequences:
+        sequence.finish()
+    engine.reset()
+    assert engine.generate([2, 818, 5279], max_tokens=2).token_ids == [first, second]
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference

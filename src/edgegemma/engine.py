@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
@@ -57,11 +58,6 @@ from .sampling import OPTIONAL_SAMPLING, SamplingParams, check_float32
 from .threads import ThreadPolicy, default_threads, usable_cores
 
 _T = TypeVar("_T")
-_FEWEST_TOGETHER = 4
-"""Fewer sequences than this run one by one: llama.cpp's CPU kernels multiply rows four at a
-time, so a smaller batch reads the weights once per row anyway (measured, 64 tokens each:
-2 sequences together 0.93x the throughput of one by one, 4 1.29x, 8 2.1x)."""
-
 log = logging.getLogger("edgegemma")
 
 OverflowPolicy = Literal["error", "truncate_left", "shift"]
@@ -703,10 +699,10 @@ class Engine:
     ) -> list[Classification]:
         """:meth:`classify` for each prompt, under one adapter set.
 
-        Where the backend evaluates several sequences together (llama.cpp), the prompts run
-        in batches: their common prefix once, each prompt as its own sequence of one shared
-        KV cache. The other backends run them one after another. Each result's ``seconds``
-        is its share of the whole call.
+        Where the backend evaluates several sequences together, the prompts run in batches:
+        on llama.cpp their common prefix once, each prompt as its own sequence of one shared
+        KV cache; on ONNX Runtime GenAI prompts of the same length together. LiteRT-LM runs
+        them one after another. Each result's ``seconds`` is its share of the whole call.
         """
         batch = _check_batch(prompts)
         self._check_open()
@@ -719,15 +715,29 @@ class Engine:
         prompt_ids = [self._classify_prompt_ids(prompt, label_ids) for prompt in batch]
         if not prompt_ids:
             return []
+        longest = max(len(ids) for ids in label_ids)
+        if self._backend.features.batch_same_length:
+            groups = self._batch_groups([(len(ids), len(ids) + longest) for ids in prompt_ids])
+        else:  # the backend groups them itself
+            groups = [list(range(len(prompt_ids)))]
+        totals: list[list[float]] = [[] for _ in prompt_ids]
         started = time.perf_counter()
         bound = self._bind(active)
         try:
             with self._exclusive():
                 self._forget_cache()  # the batch leaves no sequence in the backend
                 handles = [(loaded.handle, scale) for loaded, scale in bound]
-                totals = self._scoring(
-                    lambda: self._backend.score_many(prompt_ids, label_ids, adapters=handles)
-                )
+                for group in groups:
+                    found = self._scoring(
+                        partial(
+                            self._backend.score_many,
+                            [prompt_ids[i] for i in group],
+                            label_ids,
+                            adapters=handles,
+                        )
+                    )
+                    for i, values in zip(group, found):
+                        totals[i] = values
         finally:
             self._unbind_all(bound)
         share = (time.perf_counter() - started) / len(prompt_ids)
@@ -778,11 +788,12 @@ class Engine:
     def generate_many(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Result]:
         """:meth:`generate` for each prompt with the same options.
 
-        Where the backend evaluates several sequences together (llama.cpp), the prompts run as
-        sequences of one KV cache, each pass of the model taking one token of each; as many
-        go together as the backend holds and the context window fits (every prompt with its
-        ``max_tokens``). Elsewhere they run one after another. Stop strings, constraints,
-        logprobs, timeouts and stats apply to each sequence as to one call.
+        Where the backend evaluates several sequences together (llama.cpp, and ONNX Runtime
+        GenAI for prompts of the same length), the prompts run as one batch, each pass of the
+        model taking one token of each; as many go together as the backend holds and the
+        context window fits (every prompt with its ``max_tokens``). Elsewhere they run one
+        after another. Stop strings, constraints, logprobs, timeouts and stats apply to each
+        sequence as to one call.
         """
         batch = _check_batch(prompts)
         # Streams check the options and bind the adapters; their requests are run here (the
@@ -792,9 +803,14 @@ class Engine:
         results: list[list[Result]] = [[] for _ in requests]
         try:
             with self._exclusive():
-                for group in self._batch_groups(requests):
+                fitted = [self._fit_context(request, self.n_ctx) for request in requests]
+                sizes = [(len(tokens), len(tokens) + limit) for tokens, _, limit, _ in fitted]
+                for group in self._batch_groups(sizes):
                     self._generate_together(
-                        [requests[i] for i in group], [results[i] for i in group]
+                        [requests[i] for i in group],
+                        [fitted[i][0] for i in group],
+                        max(fitted[i][2] for i in group),
+                        [results[i] for i in group],
                     )
         finally:
             for request in requests:
@@ -802,33 +818,42 @@ class Engine:
             self._free_doomed()
         return [found for [found] in results]
 
-    def _batch_groups(self, requests: list[_Request]) -> list[list[int]]:
-        """Indices of ``requests`` in groups the backend can run together."""
-        most = self._backend.features.batch
+    def _batch_groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """Indices of sequences, given as (prompt tokens, cells needed), in groups the backend
+        can evaluate together: at most ``features.batch``, needing at most ``n_ctx`` cells in
+        all, of one prompt length where the backend cannot pad. Indices keep their order
+        within a group."""
+        features = self._backend.features
+        open_groups: dict[int, tuple[list[int], int]] = {}  # prompt length or 0 -> (group, cells)
         groups: list[list[int]] = []
-        cells = 0
-        for index, request in enumerate(requests):
-            tokens, _, limit, _ = self._fit_context(request, self.n_ctx)
-            need = len(tokens) + limit
-            if groups and len(groups[-1]) < most and cells + need <= self.n_ctx:
-                groups[-1].append(index)
-                cells += need
-            else:
-                groups.append([index])
-                cells = need
+        for index, (length, need) in enumerate(sizes):
+            key = length if features.batch_same_length else 0
+            group, cells = open_groups.get(key, ([], 0))
+            if not group or len(group) >= features.batch or cells + need > self.n_ctx:
+                group, cells = [], 0
+                groups.append(group)
+            group.append(index)
+            open_groups[key] = (group, cells + need)
         return groups
 
-    def _generate_together(self, requests: list[_Request], outcomes: list[list[Result]]) -> None:
+    def _generate_together(
+        self,
+        requests: list[_Request],
+        prompts: list[list[int]],
+        max_tokens: int,
+        outcomes: list[list[Result]],
+    ) -> None:
         """Run ``requests`` as one batch of the backend's sequences (a few: one by one)."""
-        if len(requests) < _FEWEST_TOGETHER:
+        if len(requests) < self._backend.features.batch_min:
             for request, outcome in zip(requests, outcomes):
                 for _ in self._generate(request, outcome):
                     pass
             return
         handles = [(loaded.handle, scale) for loaded, scale in requests[0].bound]
-        prompts = [self._fit_context(request, self.n_ctx)[0] for request in requests]
         self._forget_cache()  # the batch replaces the backend's own sequence
-        sequences = self._backend.batch(prompts, adapters=handles, sampling=requests[0].sampling)
+        sequences = self._backend.batch(
+            prompts, max_tokens=max_tokens, adapters=handles, sampling=requests[0].sampling
+        )
         running = [
             (self._generate(request, outcome, sequence), sequence)
             for request, outcome, sequence in zip(requests, outcomes, sequences)

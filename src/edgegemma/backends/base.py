@@ -30,6 +30,7 @@ parameter by hand. Backends register in :mod:`edgegemma.backends`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ class Features:
     batch: int = 0
     """How many sequences :meth:`Backend.score_many` and :meth:`Backend.batch` evaluate in one
     pass of the model (0: they do not work)."""
+    batch_min: int = 2
+    """The fewest sequences worth evaluating together; fewer run one by one (measured per
+    runtime: below this a batch is no faster)."""
+    batch_same_length: bool = False
+    """The sequences of one batch need prompts of the same length (the runtime cannot pad)."""
     logits: bool = False
     """The runtime's logits are visible: :meth:`Backend.next_token` takes a token mask
     (constrained output) and :meth:`Backend.logits` gives the distribution (log-probabilities)."""
@@ -189,20 +195,22 @@ class Backend(ABC):
         adapters: Sequence[tuple[AdapterHandle, float]],
     ) -> list[list[float]]:
         """:meth:`score` of the same continuations after each prompt, the prompts evaluated
-        together as separate sequences. Afterwards the backend holds no sequence. Only
-        called when ``features.batch`` is true."""
+        together as separate sequences (all of one length where ``features.batch_same_length``).
+        Afterwards the backend holds no sequence. Only called when ``features.batch`` is true."""
         raise NotImplementedError(f"{self.name} cannot score several sequences together")
 
     def batch(
         self,
         prompts: Sequence[Sequence[int]],
         *,
+        max_tokens: int,
         adapters: Sequence[tuple[AdapterHandle, float]],
         sampling: SamplingParams,
     ) -> list[BatchedSequence]:
         """One sequence per prompt, all evaluated together; the backend's own sequence is
-        gone. The prompts' tokens and the tokens each sequence generates must fit ``n_ctx``
-        together. Only called when ``features.batch`` is true."""
+        gone. No sequence generates more than ``max_tokens``; the prompts' tokens and the
+        tokens each sequence generates fit ``n_ctx`` together. Only called when
+        ``features.batch`` is true."""
         raise NotImplementedError(f"{self.name} cannot run several sequences together")
 
     def shift(self, keep: int, discard: int) -> None:
@@ -265,3 +273,18 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
     values = logits.astype(np.float64)
     top = values.max()
     return values - top - np.log(np.exp(values - top).sum())
+
+
+def target_log_probs(logits: np.ndarray, targets: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """``log_softmax(logits[i])[targets[i]]`` for each row, in float64.
+
+    Only the normaliser is computed over the vocabulary (exp in float32, summed in float64):
+    a full float64 log-softmax of 262k columns costs ~25 ms a row.
+    """
+    found = []
+    for row, wanted in zip(logits, targets):
+        # Row by row: the temporary is one row (1 MiB for Gemma 3), not the whole batch.
+        top = float(row.max())
+        log_norm = math.log(float(np.exp(row - top).sum(dtype=np.float64))) + top
+        found.append(row[list(wanted)].astype(np.float64) - log_norm)
+    return found

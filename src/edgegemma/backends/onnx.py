@@ -14,6 +14,14 @@ adapter file: concatenating the LoRA ranks makes ``sum(scale_i * B_i @ A_i)`` ex
 KV reuse: the sliding-window layers are given room for the whole context window
 (``cache_slack``), so ``rewind_to`` can keep any prefix; if the runtime refuses anyway, the
 sequence is recomputed. ``shift`` re-evaluates the kept tokens in a fresh generator.
+
+Batches: a generator of ``batch_size`` rows evaluates one token of every row per pass. Its
+rows must be prompts of one length: this runtime's attention (GroupQueryAttention with a
+sliding-window cache) rejects padded prompts ("seqlens_k ... is too small"), and with the
+sliding-window cache turned off in the graph padded rows come out wrong from their first
+token (measured). A batch generator takes its prompts in one ``append_tokens`` and then only
+its own search's tokens, so the tokens chosen here are handed to it as logits that allow
+nothing else (``set_logits``, then a greedy ``generate_next_token``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import json
 import math
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +44,7 @@ from ..errors import (
     AdapterError,
     ContextOverflowError,
     ConversionError,
+    EdgeGemmaError,
     InvalidParameterError,
     ModelError,
     NumericalError,
@@ -46,11 +55,13 @@ from .base import (
     AdapterHandle,
     Backend,
     BackendOptions,
+    BatchedSequence,
     Features,
     ModelInfo,
     TokenMask,
     apply_mask,
     log_probs,
+    target_log_probs,
 )
 
 CONFIG_FILE = "genai_config.json"
@@ -62,6 +73,14 @@ _MIN_MAX_LENGTH = 512
 """The runtime refuses a KV capacity below the sliding window of Gemma 3."""
 _END_TOKENS = ("<end_of_turn>", "</s>")
 """End generation besides eos, as llama.cpp decides for this vocabulary."""
+_MAX_SEQUENCES = 8
+"""Rows of one batch generator. Each holds its own KV cache of at least the sliding window
+(512 positions); measured, 32 tokens each from prompts of one length: 2 rows 1.6x the
+tokens/s of one by one, 4 1.9x, 8 2.1-2.7x."""
+_NON_FINITE = (
+    "ONNX Runtime computed non-finite logits (NaN or infinity); an adapter scale far too large "
+    "for the model does this"
+)
 
 
 @dataclass
@@ -74,7 +93,13 @@ class _Adapter:
 
 class OnnxBackend(Backend):
     name = "onnx"
-    features = Features(options=frozenset(ONNX_OPTIONS), score=True, logits=True)
+    features = Features(
+        options=frozenset(ONNX_OPTIONS),
+        score=True,
+        batch=_MAX_SEQUENCES,
+        batch_same_length=True,
+        logits=True,
+    )
 
     def __init__(self, path: Path, model: og.Model, config: dict, n_ctx: int, max_length: int):
         self._path = path
@@ -95,6 +120,7 @@ class OnnxBackend(Backend):
         self._logits: np.ndarray | None = None
         self._sampler: _Sampler | None = None
         facts = config["model"]
+        self._pad = int(facts.get("pad_token_id", 0))
         eos = facts.get("eos_token_id", [])
         eog = set(eos if isinstance(eos, list) else [eos])
         eog.update(t for t in map(self._tokenizer.to_token_id, _END_TOKENS) if t >= 0)
@@ -286,10 +312,7 @@ class OnnxBackend(Backend):
             apply_mask(logits, mask)
         token = self._sampler.sample(logits)
         if not math.isfinite(logits[token]):  # all-NaN logits pick token 0 and read as "length"
-            raise NumericalError(
-                "ONNX Runtime computed non-finite logits (NaN or infinity); an adapter scale far "
-                "too large for the model does this"
-            )
+            raise NumericalError(_NON_FINITE)
         self._pending = token
         return token
 
@@ -326,6 +349,62 @@ class OnnxBackend(Backend):
             scores.append(total)
         return scores
 
+    def score_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        *,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+    ) -> list[list[float]]:
+        self._drop_generator()
+        if any(len(continuation) > 1 for continuation in continuations):
+            # A batch's rows cannot be rewound to branch: a continuation of several tokens
+            # is scored after each prompt on its own.
+            scores = [self.score(p, continuations, reuse=0, adapters=adapters) for p in prompts]
+            self._drop_generator()
+            return scores
+        generator = self._new_batch(
+            self._runtime_adapter(adapters), len(prompts), len(prompts[0]) + 1
+        )
+        self._run(lambda: generator.append_tokens(np.asarray(prompts, dtype=np.int32)))
+        logits = generator.get_logits().reshape(len(prompts), -1)
+        firsts = [[continuation[0] for continuation in continuations]] * len(prompts)
+        return [[float(v) for v in row] for row in target_log_probs(logits, firsts)]
+
+    def batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> list[BatchedSequence]:
+        self._drop_generator()
+        generator = self._new_batch(
+            self._runtime_adapter(adapters), len(prompts), len(prompts[0]) + max_tokens + 1
+        )
+        run = _Batch(self, generator, prompts, sampling)
+        return [_Sequence(run, i) for i in range(len(prompts))]
+
+    def _new_batch(self, adapter: str | None, rows: int, length: int) -> og.Generator:
+        """A generator of ``rows`` sequences of up to ``length`` tokens each."""
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(
+            max_length=max(length, _MIN_MAX_LENGTH), batch_size=rows, do_sample=False
+        )
+        generator = og.Generator(self._model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self._runtime_adapters, adapter)
+        return generator
+
+    def _run(self, step: Callable[[], object]) -> None:
+        """Run the model through ``step``, with a runtime failure reported as edgegemma's."""
+        try:
+            step()
+        except Exception as exc:
+            # A graph that does not match its genai_config.json fails only when it runs.
+            raise ModelError(f"ONNX Runtime GenAI could not run {self._path.name}: {exc}") from exc
+
     def shift(self, keep: int, discard: int) -> None:
         kept = self._evaluated[:keep] + self._evaluated[keep + discard :]
         pending = self._pending
@@ -359,13 +438,13 @@ class OnnxBackend(Backend):
         self._pending = None
 
     def _append(self, tokens: Sequence[int]) -> None:
-        assert self._generator is not None
+        generator = self._generator
+        assert generator is not None
         try:
-            self._generator.append_tokens(np.asarray(tokens, dtype=np.int32))
-        except Exception as exc:
+            self._run(lambda: generator.append_tokens(np.asarray(tokens, dtype=np.int32)))
+        except ModelError:
             self._drop_generator()  # its state is unknown now
-            # A graph that does not match its genai_config.json fails only when it runs.
-            raise ModelError(f"ONNX Runtime GenAI could not run {self._path.name}: {exc}") from exc
+            raise
         self._evaluated.extend(tokens)
 
     def close(self) -> None:
@@ -422,6 +501,106 @@ def _special_tokens(model_dir: Path) -> set[int]:
         return {int(token["id"]) for token in added if token.get("special")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"cannot read the special tokens of {path}: {exc}") from None
+
+
+class _Batch:
+    """The sequences of one :meth:`OnnxBackend.batch`: rows of one generator. The engine
+    drives them in lockstep; when a sequence wants its next token after every live row
+    has chosen one, the chosen tokens go to the runtime together and one pass evaluates them
+    all. A finished row is fed the padding token, which the runtime masks out."""
+
+    def __init__(
+        self,
+        backend: OnnxBackend,
+        generator: og.Generator,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+    ):
+        self.backend = backend
+        self.generator: og.Generator | None = generator
+        self.prompts: np.ndarray | None = np.asarray(prompts, dtype=np.int32)
+        self.samplers = [_Sampler(sampling, prompt) for prompt in prompts]
+        rows = len(prompts)
+        self.live = set(range(rows))
+        self.unsampled: set[int] = set()
+        """Live rows whose newest logits have not been sampled from yet."""
+        self.logits: np.ndarray | None = None
+        self.chosen_from: dict[int, np.ndarray] = {}
+        self.chosen = np.full(rows, backend._pad, dtype=np.int64)
+        # Logits that allow only each row's chosen token: updated in place, two cells a row.
+        self.forced = np.full((rows, backend.info.vocab_size), -np.inf, dtype=np.float32)
+        self.forced[np.arange(rows), self.chosen] = 0.0
+
+    def sample(self, row: int, mask: TokenMask | None) -> int:
+        if row not in self.unsampled:
+            self._evaluate()
+        self.unsampled.discard(row)
+        assert self.logits is not None
+        logits = self.logits[row]
+        if mask is not None:
+            apply_mask(logits, mask)
+        token = self.samplers[row].sample(logits)
+        if not math.isfinite(logits[token]):
+            raise NumericalError(_NON_FINITE)
+        self.chosen_from[row] = logits
+        self._choose(row, token)
+        return token
+
+    def finish(self, row: int) -> None:
+        self.live.discard(row)
+        self.unsampled.discard(row)
+        self.chosen_from.pop(row, None)
+        self._choose(row, self.backend._pad)
+        if not self.live:
+            self.generator = None  # frees its KV cache
+
+    def _choose(self, row: int, token: int) -> None:
+        self.forced[row, self.chosen[row]] = -np.inf
+        self.forced[row, token] = 0.0
+        self.chosen[row] = token
+
+    def _evaluate(self) -> None:
+        if self.unsampled:
+            # A live row has logits it has not sampled from, which this pass would replace:
+            # the engine broke the lockstep.
+            raise EdgeGemmaError("batched sequences were driven out of step")
+        generator = self.generator
+        assert generator is not None
+        if self.prompts is not None:
+            prompts = self.prompts
+            self.backend._run(lambda: generator.append_tokens(prompts))
+            self.prompts = None
+        else:
+            # The greedy search picks the one token each row's logits allow.
+            generator.set_logits(self.forced)
+            self.backend._run(generator.generate_next_token)
+        self.logits = generator.get_logits().reshape(len(self.samplers), -1)
+        self.unsampled = set(self.live)
+
+
+class _Sequence(BatchedSequence):
+    def __init__(self, run: _Batch, row: int):
+        self._run = run
+        self._row = row
+
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        return 0  # the prompt was given to batch(); it is evaluated with the others
+
+    def next_token(self, mask: TokenMask | None = None) -> int:
+        return self._run.sample(self._row, mask)
+
+    def logits(self) -> np.ndarray:
+        return self._run.chosen_from[self._row]
+
+    def finish(self) -> None:
+        self._run.finish(self._row)
 
 
 class _TokenBytes:

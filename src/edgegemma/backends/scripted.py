@@ -62,6 +62,7 @@ class ScriptedBackend(Backend):
         sampling=frozenset(OPTIONAL_SAMPLING),
         score=True,
         batch=8,
+        batch_min=4,
         adjustable_threads=True,
     )
 
@@ -180,6 +181,8 @@ class ScriptedBackend(Backend):
         *,
         adapters: Sequence[tuple[AdapterHandle, float]],
     ) -> list[list[float]]:
+        self._check_lengths(prompts)
+        self.calls.append(Call("score_many", {"prompts": [list(p) for p in prompts]}))
         scores = [self.score(p, continuations, reuse=0, adapters=adapters) for p in prompts]
         self.cache = []
         return scores
@@ -188,19 +191,30 @@ class ScriptedBackend(Backend):
         self,
         prompts: Sequence[Sequence[int]],
         *,
+        max_tokens: int,
         adapters: Sequence[tuple[AdapterHandle, float]],
         sampling: SamplingParams,
     ) -> list[BatchedSequence]:
         """Sequences answering as :meth:`start` would; they fail the test if the engine
-        drives one a token ahead of another (a real batch evaluates them in one pass)."""
+        drives one a token ahead of another (a real batch evaluates them in one pass) or
+        past ``max_tokens``."""
+        self._check_lengths(prompts)
+        if len(prompts) < self.features.batch_min or len(prompts) > self.features.batch:
+            raise AssertionError(f"a batch of {len(prompts)} sequences")
         adapter_set = {self.loaded[h].name: scale for h, scale in adapters}
-        self.calls.append(Call("batch", {"prompts": [list(p) for p in prompts]}))
+        self.calls.append(
+            Call("batch", {"prompts": [list(p) for p in prompts], "max_tokens": max_tokens})
+        )
         self.cache = []
         steps: dict[int, int] = {}
         return [
-            _ScriptedSequence(self._answer(prompt, adapter_set), steps, i)
+            _ScriptedSequence(self._answer(prompt, adapter_set), steps, i, max_tokens)
             for i, prompt in enumerate(prompts)
         ]
+
+    def _check_lengths(self, prompts: Sequence[Sequence[int]]) -> None:
+        if self.features.batch_same_length and len({len(p) for p in prompts}) > 1:
+            raise AssertionError("the engine batched prompts of different lengths")
 
     def _answer(self, tokens: Sequence[int], adapter_set: dict[str, float]) -> list[int]:
         text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
@@ -221,10 +235,11 @@ class ScriptedBackend(Backend):
 
 
 class _ScriptedSequence(BatchedSequence):
-    def __init__(self, answer: list[int], steps: dict[int, int], index: int):
+    def __init__(self, answer: list[int], steps: dict[int, int], index: int, max_tokens: int):
         self._answer = answer
         self._steps = steps  # tokens taken so far by each unfinished sequence of the batch
         self._index = index
+        self._max_tokens = max_tokens
         steps[index] = 0
 
     def start(
@@ -240,6 +255,8 @@ class _ScriptedSequence(BatchedSequence):
     def next_token(self, mask: TokenMask | None = None) -> int:
         if self._steps[self._index] > min(self._steps.values()):
             raise AssertionError("the engine drove a batched sequence a token ahead of another")
+        if self._steps[self._index] >= self._max_tokens:
+            raise AssertionError("the engine drove a batched sequence past max_tokens")
         self._steps[self._index] += 1
         return self._answer.pop(0) if self._answer else EOS
 
