@@ -8,6 +8,8 @@ Per backend, in one process each, one after the other:
 - the sensor skill's 300 held-out readings with its adapter, answered by ``generate`` (the
   label as text) and by ``classify`` (the three labels scored): accuracy and latency p50/p99;
 - ``classify_many`` of 64 readings against 64 ``classify`` calls: requests per second;
+- ``generate_many`` of 8 prompts of one template (64 tokens each, greedy) against 8
+  ``generate`` calls: tokens per second;
 - 50 ``json_schema`` generations (greedy and sampled, five prompts): how many parse and
   validate against the schema;
 - decode speed with and without a constraint that lets the model write 64 tokens freely
@@ -82,6 +84,16 @@ def measure(backend: str, limit: int | None) -> dict:
         engine.classify_many(prompts, labels, adapters={"sensor": 1.0})
         batched = len(prompts) / (time.perf_counter() - started)
         out["classify_many"] = {"requests_per_s": batched, "one_by_one_per_s": one_by_one}
+        stories = [f"Story {i}: once upon a time" for i in range(8)]
+        engine.generate_many(stories[:2], max_tokens=4)  # warm-up
+        started = time.perf_counter()
+        tokens = sum(len(engine.generate(s, max_tokens=64).token_ids) for s in stories)
+        one_by_one = tokens / (time.perf_counter() - started)
+        started = time.perf_counter()
+        tokens = sum(len(r.token_ids) for r in engine.generate_many(stories, max_tokens=64))
+        batched = tokens / (time.perf_counter() - started)
+        out["generate_many"] = {"tokens_per_s": batched, "one_by_one_per_s": one_by_one}
+        print(f"[{backend}] generate_many: {out['generate_many']}", file=sys.stderr, flush=True)
         if engine.features.logits:
             valid = 0
             for i in range(50):
@@ -126,16 +138,18 @@ def main() -> int:
         for backend in args.backend or ["llamacpp", "onnx", "mediapipe"]
     ]
     print("| backend | sensor, generate: accuracy / p50 / p99 | sensor, classify: accuracy / p50 / p99 "
-          "| classify_many vs one by one (req/s) | json_schema valid of 50 | decode constrained / free |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "| classify_many vs one by one (req/s) | generate_many vs one by one (tok/s) "
+          "| json_schema valid of 50 | decode constrained / free |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in found:
-        g, c, m = r["generate"], r["classify"], r["classify_many"]
+        g, c, m, n = r["generate"], r["classify"], r["classify_many"], r["generate_many"]
         d = r.get("decode_tps")
         decode = f"{d['constrained']:.1f} / {d['free']:.1f} ({d['ratio']:.2f}x)" if d else "refused"
         print(
             f"| {r['backend']} | {g['accuracy']:.1%} / {g['p50_ms']:.0f} / {g['p99_ms']:.0f} ms "
             f"| {c['accuracy']:.1%} / {c['p50_ms']:.0f} / {c['p99_ms']:.0f} ms "
             f"| {m['requests_per_s']:.1f} vs {m['one_by_one_per_s']:.1f} "
+            f"| {n['tokens_per_s']:.1f} vs {n['one_by_one_per_s']:.1f} "
             f"| {r.get('json_schema_valid_of_50', 'refused')} "
             f"| {decode} |"
         )

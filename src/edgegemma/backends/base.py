@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -259,6 +259,48 @@ class BatchedSequence(ABC):
     @abstractmethod
     def finish(self) -> None:
         """This sequence is done: it is evaluated no further and its cache cells are freed."""
+
+
+class LockstepBatch(Protocol):
+    """What a backend's batch object does for its rows (see :class:`BatchRow`)."""
+
+    chosen_from: dict[int, np.ndarray]
+    """Row -> the logits its last token was chosen from (valid until the next pass)."""
+
+    def sample(self, row: int, mask: TokenMask | None) -> int:
+        """``row``'s next token, from its newest logits (running the round's pass first)."""
+        ...
+
+    def finish(self, row: int) -> None:
+        """``row`` is done: evaluate it no further."""
+        ...
+
+
+class BatchRow(BatchedSequence):
+    """A sequence that is one row of a backend's batch; the batch does the work."""
+
+    def __init__(self, batch: LockstepBatch, row: int):
+        self._batch = batch
+        self._row = row
+
+    def start(
+        self,
+        tokens: Sequence[int],
+        *,
+        reuse: int,
+        adapters: Sequence[tuple[AdapterHandle, float]],
+        sampling: SamplingParams,
+    ) -> int:
+        return 0  # the prompt was given to Backend.batch(); it is evaluated with the others
+
+    def next_token(self, mask: TokenMask | None = None) -> int:
+        return self._batch.sample(self._row, mask)
+
+    def logits(self) -> np.ndarray:
+        return self._batch.chosen_from[self._row]
+
+    def finish(self) -> None:
+        self._batch.finish(self._row)
 
 
 def apply_mask(logits: np.ndarray, mask: TokenMask) -> None:

@@ -29,12 +29,14 @@ from ..errors import (
     NumericalError,
 )
 from ..gguffile import GGUFHeader, read_header
+from ..memory import release_mapped_file
 from ..sampling import SamplingParams
 from .base import (
     AdapterHandle,
     Backend,
     BackendOptions,
     BatchedSequence,
+    BatchRow,
     Features,
     ModelInfo,
     TokenMask,
@@ -55,6 +57,9 @@ _LOG_ERROR, _LOG_CONT = 4, 5
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
 _SCORE_CHUNK = 32
 """Tokens scored per decode: each needs a vocab-sized row of logits (1 MiB for Gemma 3)."""
+_RELEASE_EVERY = 0.02
+"""Fraction of the model loaded between two give-backs of its mapped pages (each parses
+/proc/self/maps: ~50 of them cost a few ms)."""
 _MAX_SEQUENCES = 8
 """Sequences one decode may hold (:meth:`LlamaCppBackend.score_many`: prompts and label
 branches). The KV cache is unified, so cells cost nothing extra, but llama.cpp keeps a
@@ -195,12 +200,30 @@ class LlamaCppBackend(Backend):
         if not isinstance(repack, bool):
             raise InvalidParameterError(f"repack must be True or False, got {repack!r}")
         # llama.cpp repacks Q4_0, IQ4_NL and Q4_K matrices into an interleaved layout its CPU
-        # kernels decode faster (+30% tok/s measured on the default model), but a tied
-        # embedding is then held twice: as stored, for looking up input tokens, and repacked,
-        # for the output matrix (+~95 MiB). repack=False keeps one copy (docs/models.md).
+        # kernels decode faster (+30% tok/s measured on the default model), in a buffer of
+        # its own (docs/models.md: ~5 MiB more peak RSS than repack=False).
         model_params.use_extra_bufts = repack
+        # Repacking reads every page of the mapped file, and the pages read stay resident:
+        # the stored and the repacked copy would both count (+97 MiB peak RSS for the default
+        # model). The file's pages are given back while loading; those still used as stored
+        # fault back in from the page cache on first use.
+        released = 0.0
+
+        def release(progress: float, _data: object) -> bool:
+            nonlocal released
+            if progress - released >= _RELEASE_EVERY:
+                released = progress
+                # Best effort: an exception escaping a ctypes callback returns False,
+                # which would abort the load.
+                with contextlib.suppress(Exception):
+                    release_mapped_file(path)
+            return True
+
+        callback = ll.llama_progress_callback(release)
+        model_params.progress_callback = callback
         with _native_log.capture() as lines:
             model = ll.llama_model_load_from_file(str(path).encode(), model_params)
+        release_mapped_file(path)
         if not model:
             raise ModelError(f"llama.cpp could not load {path}: {_reason(lines)}")
         ctx_params = ll.llama_context_default_params()
@@ -477,7 +500,7 @@ class LlamaCppBackend(Backend):
         self._apply_adapters(adapters)
         self._clear()
         run = _Batch(self, prompts, sampling)
-        return [_Sequence(run, i) for i in range(len(prompts))]
+        return [BatchRow(run, i) for i in range(len(prompts))]
 
     def _clear(self) -> None:
         """Forget every sequence in the KV cache."""
@@ -662,31 +685,6 @@ class _Batch:
             self.rows = {}
             self.backend._clear()
             raise EdgeGemmaError(f"llama_decode failed with status {status}: {_reason(lines)}")
-
-
-class _Sequence(BatchedSequence):
-    def __init__(self, run: _Batch, index: int):
-        self._run = run
-        self._index = index
-
-    def start(
-        self,
-        tokens: Sequence[int],
-        *,
-        reuse: int,
-        adapters: Sequence[tuple[AdapterHandle, float]],
-        sampling: SamplingParams,
-    ) -> int:
-        return 0  # the prompt was given to batch(); it is evaluated with the others
-
-    def next_token(self, mask: TokenMask | None = None) -> int:
-        return self._run.sample(self._index, mask)
-
-    def logits(self) -> np.ndarray:
-        return self._run.chosen_from[self._index]
-
-    def finish(self) -> None:
-        self._run.finish(self._index)
 
 
 _Entry = tuple[int, int, Sequence[int], Sequence[int] | None]

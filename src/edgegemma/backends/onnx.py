@@ -56,6 +56,7 @@ from .base import (
     Backend,
     BackendOptions,
     BatchedSequence,
+    BatchRow,
     Features,
     ModelInfo,
     TokenMask,
@@ -384,7 +385,7 @@ class OnnxBackend(Backend):
             self._runtime_adapter(adapters), len(prompts), len(prompts[0]) + max_tokens + 1
         )
         run = _Batch(self, generator, prompts, sampling)
-        return [_Sequence(run, i) for i in range(len(prompts))]
+        return [BatchRow(run, i) for i in range(len(prompts))]
 
     def _new_batch(self, adapter: str | None, rows: int, length: int) -> og.Generator:
         """A generator of ``rows`` sequences of up to ``length`` tokens each."""
@@ -576,31 +577,6 @@ class _Batch:
             self.backend._run(generator.generate_next_token)
         self.logits = generator.get_logits().reshape(len(self.samplers), -1)
         self.unsampled = set(self.live)
-
-
-class _Sequence(BatchedSequence):
-    def __init__(self, run: _Batch, row: int):
-        self._run = run
-        self._row = row
-
-    def start(
-        self,
-        tokens: Sequence[int],
-        *,
-        reuse: int,
-        adapters: Sequence[tuple[AdapterHandle, float]],
-        sampling: SamplingParams,
-    ) -> int:
-        return 0  # the prompt was given to batch(); it is evaluated with the others
-
-    def next_token(self, mask: TokenMask | None = None) -> int:
-        return self._run.sample(self._row, mask)
-
-    def logits(self) -> np.ndarray:
-        return self._run.chosen_from[self._row]
-
-    def finish(self) -> None:
-        self._run.finish(self._row)
 
 
 class _TokenBytes:
