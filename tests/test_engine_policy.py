@@ -225,3 +225,42 @@ def test_classify_many_is_one_classify_each(kind):
     ]
     groups = [c.args["prompts"] for c in backend.calls if c.method == "score_many"]
     assert sorted(map(len, groups)) == ([1, 1, 2, 2] if kind.features.batch_same_length else [6])
+
+
+def test_run_together_streams_each_piece_and_cancels_one_stream():
+    def reply(prompt: str, adapters: dict[str, float]) -> str:
+        return f"<{prompt}> and more text"
+
+    backend = ScriptedBackend(reply)
+    engine = Engine(backend, model_path=Path("scripted"))
+    prompts = ["a", "b", "c", "d", "e"]
+    options = [{"max_tokens": 12}, {"max_tokens": 30, "stop": ["more"]}, {"max_tokens": 5}]
+    streams = [engine.stream(p, **options[i % 3]) for i, p in enumerate(prompts)]
+    texts = ["" for _ in prompts]
+    for index, piece in engine.run_together(streams):
+        texts[index] += piece
+        if index == 3 and len(texts[3]) == 2:
+            streams[3].close()  # the others go on
+    alone = [engine.generate(p, **options[i % 3]) for i, p in enumerate(prompts)]
+    for i, (stream, reference) in enumerate(zip(streams, alone)):
+        assert texts[i] == stream.result.text
+        if i == 3:
+            assert stream.result.finish_reason == "cancelled" and stream.result.text == "<d"
+        else:
+            assert stream.result.text == reference.text
+            assert stream.result.finish_reason == reference.finish_reason
+        assert stream.result.stats.batch_size == 5
+    assert [len(c.args["prompts"]) for c in backend.calls if c.method == "batch"] == [5]
+    # Other sampling settings (or adapter sets) make other batches; a stream already
+    # iterated is refused.
+    mixed = [engine.stream(p, max_tokens=4, temperature=0.0 if i < 4 else 0.5, seed=1)
+             for i, p in enumerate(prompts)]  # fmt: skip
+    assert sorted(i for i, _ in engine.run_together(mixed)) == sorted(
+        i for i, stream in enumerate(mixed) for _ in range(stream.result.stats.completion_tokens)
+    )
+    assert [s.result.stats.batch_size for s in mixed] == [4, 4, 4, 4, 1]
+    used = engine.stream("x", max_tokens=2)
+    next(used)
+    with pytest.raises(InvalidParameterError, match="not been iterated"):
+        next(engine.run_together([used]))
+    used.close()

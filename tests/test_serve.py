@@ -350,6 +350,53 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(served, engine):
     assert answer.choices[0].text == engine.generate(PROMPT, max_tokens=6, adapters=None).text
 
 
+def test_parallel_requests_run_as_one_batch(tmp_path, gguf_path, engine):
+    served = start_server(
+        tmp_path,
+        "--model", str(gguf_path),
+        "--name", NAME,
+        "--adapter", f"sensor={skills.adapter_path('sensor', model=str(gguf_path))}",
+        "--n-ctx", "1024",
+        "--threads", "2",
+        "--parallel", "8",
+    )  # fmt: skip
+    try:
+        assert served.health()["parallel"] == 8
+        url = f"{served.url}/v1/completions"
+        prompts = [e.prompt for e in SENSOR] + [e.prompt for e in SENSOR[:2]]
+        answers: dict[int, dict] = {}
+        errors: list[BaseException] = []
+
+        def ask(i: int) -> None:
+            body = {"model": f"{NAME}:sensor", "prompt": prompts[i], "max_tokens": 3,
+                    "temperature": 0}  # fmt: skip
+            try:
+                answers[i] = httpx.post(url, json=body, timeout=120).raise_for_status().json()
+            except Exception as exc:  # noqa: BLE001 -- reported below, with the others
+                errors.append(exc)
+
+        # A long request holds the worker while the eight arrive; they then run together.
+        long = {"model": NAME, "prompt": PROMPT, "max_tokens": 150, "temperature": 0}
+        holder = threading.Thread(target=lambda: httpx.post(url, json=long, timeout=120))
+        holder.start()
+        time.sleep(0.5)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads + [holder]:
+            t.join()
+        assert not errors, errors[:3]
+        assert max(a["timings"]["batch_n"] for a in answers.values()) == len(prompts)
+        for i, found in answers.items():
+            wanted = engine.generate(prompts[i], max_tokens=3, adapters={"sensor": 1.0})
+            # Batched rows round differently in llama.cpp's kernels (README, Batches): the
+            # label, not every byte, is what a batch must keep.
+            text = found["choices"][0]["text"]
+            assert skills.sensor_label(text) == skills.sensor_label(wanted.text), (text, wanted)
+    finally:
+        stop_server(served)
+
+
 # -- misuse ----------------------------------------------------------------------------------
 
 GOOD_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -241,6 +241,7 @@ def test_generate_many_runs_sequences_together_on_llamacpp(engine):
         assert _agrees_but_for_near_ties(engine, prompt, found, reference)
         assert found.stats.completion_tokens == len(found.token_ids) <= 12
         assert found.finish_reason in ("length", "stop")
+        assert found.stats.batch_size == len(prompts) and reference.stats.batch_size == 1
     # Constraints and logprobs apply to each sequence, as to one call.
     choices = [" Paris", " London", " a city"]
     constrained = engine.generate_many(prompts[:4], choices=choices, logprobs=2)
@@ -300,6 +301,7 @@ def test_onnx_runs_prompts_of_one_length_together(opened, backend):
     lengths = [len(engine.tokenize(p)) if isinstance(p, str) else len(p) for p in prompts]
     assert lengths[0] == lengths[1] == lengths[2] != lengths[3]
     many = engine.generate_many(prompts, max_tokens=12, stop=["\n\n"])
+    assert [found.stats.batch_size for found in many] == [3, 3, 3, 1, 1]
     for prompt, found in zip(prompts, many):
         alone = engine.generate(prompt, max_tokens=12, stop=["\n\n"])
         assert _agrees_but_for_near_ties(engine, prompt, found, alone)

@@ -126,6 +126,9 @@ class Stats:
     """Generated tokens per second after the first one."""
     peak_rss_mb: float
     """High-water mark of this process's resident memory so far."""
+    batch_size: int = 1
+    """Sequences evaluated together with this one, itself included (:meth:`Engine.generate_many`,
+    :meth:`Engine.run_together`; 1: alone)."""
     runtime: dict[str, float] = field(default_factory=dict)
     """The runtime's own figures, where it reports any (LiteRT-LM: ``init_s``,
     ``prefill_tokens``, ``prefill_tps`` and, for a generation it ended itself, ``ttft_s``,
@@ -796,27 +799,52 @@ class Engine:
         sequence as to one call.
         """
         batch = _check_batch(prompts)
-        # Streams check the options and bind the adapters; their requests are run here (the
-        # streams are kept until then: dropping one unbinds its request's adapters).
         streams = [self.stream(prompt, **options) for prompt in batch]
-        requests = [stream._request for stream in streams]
-        results: list[list[Result]] = [[] for _ in requests]
+        for _ in self.run_together(streams):
+            pass
+        return [stream.result for stream in streams]
+
+    def run_together(self, streams: Sequence[Stream]) -> Iterator[tuple[int, str]]:
+        """Run streams made by :meth:`stream` or :meth:`stream_chat` (not yet iterated) as
+        :meth:`generate_many` runs its prompts; yield ``(index, text)`` as the stream at
+        ``index`` produces text. Afterwards each stream's ``result`` holds its Result.
+
+        Streams with the same adapter set and sampling settings run together; the others
+        one group after another. Closing a stream between two pieces cancels it, the others
+        go on; closing the iterator cancels the streams running then (the streams of groups
+        not yet started are left without a result). The engine is held until the iterator is
+        exhausted or closed.
+        """
+        streams = list(streams)
+        for stream in streams:
+            if stream._engine is not self or stream._outcome or stream._holding_lock:
+                raise InvalidParameterError(
+                    "run_together takes streams of this engine that have not been iterated"
+                )
         try:
             with self._exclusive():
-                fitted = [self._fit_context(request, self.n_ctx) for request in requests]
-                sizes = [(len(tokens), len(tokens) + limit) for tokens, _, limit, _ in fitted]
-                for group in self._batch_groups(sizes):
-                    self._generate_together(
-                        [requests[i] for i in group],
-                        [fitted[i][0] for i in group],
-                        max(fitted[i][2] for i in group),
-                        [results[i] for i in group],
-                    )
+                fitted = [self._fit_context(stream._request, self.n_ctx) for stream in streams]
+                kinds: dict[object, list[int]] = {}
+                for index, stream in enumerate(streams):
+                    request = stream._request
+                    key = (request.sampling, tuple((id(a), s) for a, s in request.bound))
+                    kinds.setdefault(key, []).append(index)
+                for members in kinds.values():
+                    sizes = [(len(fitted[i][0]), len(fitted[i][0]) + fitted[i][2]) for i in members]
+                    for group in self._batch_groups(sizes):
+                        chosen = [members[i] for i in group]
+                        together = self._generate_together(
+                            [streams[i] for i in chosen],
+                            [fitted[i][0] for i in chosen],
+                            max(fitted[i][2] for i in chosen),
+                        )
+                        for position, piece in together:
+                            if piece:
+                                yield chosen[position], piece
         finally:
-            for request in requests:
-                self._unbind(request)
+            for stream in streams:
+                stream.close()  # unbinds its adapters; a stream not yet finished is cancelled
             self._free_doomed()
-        return [found for [found] in results]
 
     def _batch_groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
         """Indices of sequences, given as (prompt tokens, cells needed), in groups the backend
@@ -837,38 +865,42 @@ class Engine:
         return groups
 
     def _generate_together(
-        self,
-        requests: list[_Request],
-        prompts: list[list[int]],
-        max_tokens: int,
-        outcomes: list[list[Result]],
-    ) -> None:
-        """Run ``requests`` as one batch of the backend's sequences (a few: one by one)."""
-        if len(requests) < self._backend.features.batch_min:
-            for request, outcome in zip(requests, outcomes):
-                for _ in self._generate(request, outcome):
-                    pass
+        self, streams: list[Stream], prompts: list[list[int]], max_tokens: int
+    ) -> Iterator[tuple[int, str]]:
+        """Run ``streams`` as one batch of the backend's sequences (a few: one by one),
+        yielding ``(position in streams, text)`` once per token of each."""
+        if len(streams) < self._backend.features.batch_min:
+            for position, stream in enumerate(streams):
+                for piece in stream._pieces:
+                    yield position, piece
             return
-        handles = [(loaded.handle, scale) for loaded, scale in requests[0].bound]
+        request = streams[0]._request
+        handles = [(loaded.handle, scale) for loaded, scale in request.bound]
         self._forget_cache()  # the batch replaces the backend's own sequence
         sequences = self._backend.batch(
-            prompts, max_tokens=max_tokens, adapters=handles, sampling=requests[0].sampling
+            prompts, max_tokens=max_tokens, adapters=handles, sampling=request.sampling
         )
-        running = [
-            (self._generate(request, outcome, sequence), sequence)
-            for request, outcome, sequence in zip(requests, outcomes, sequences)
-        ]
+        for stream, sequence in zip(streams, sequences):
+            # The stream's generation now drives its sequence of the batch (the generator it
+            # had was never started); closing the stream closes this one.
+            stream._pieces = self._generate(
+                stream._request, stream._outcome, sequence, len(sequences)
+            )
+        running = list(enumerate(zip(streams, sequences)))
         try:
             while running:  # one token of each sequence per round: one pass of the model
-                for pieces, sequence in list(running):
+                for entry in list(running):
+                    position, (stream, sequence) = entry
                     try:
-                        next(pieces)
-                    except StopIteration:
+                        piece = next(stream._pieces)
+                    except StopIteration:  # finished, or its stream was closed
                         sequence.finish()
-                        running.remove((pieces, sequence))
+                        running.remove(entry)
+                        continue
+                    yield position, piece
         finally:
-            for pieces, sequence in running:
-                pieces.close()
+            for _, (stream, sequence) in running:
+                stream._pieces.close()
                 sequence.finish()
             self._forget_cache()  # each sequence recorded its tokens as the cache's
 
@@ -1099,9 +1131,10 @@ class Engine:
         request: _Request,
         outcome: list[Result],
         sequence: BatchedSequence | None = None,
+        batch_size: int = 1,
     ) -> Generator[str, None, None]:
         """Run ``request``, yielding once per generated token (its text, possibly empty), on
-        the backend's own sequence or on one ``sequence`` of a batch."""
+        the backend's own sequence or on one ``sequence`` of a batch of ``batch_size``."""
         backend = self._backend
         driver: Backend | BatchedSequence = sequence if sequence is not None else backend
         n_ctx = backend.info.n_ctx
@@ -1216,6 +1249,7 @@ class Engine:
                     prefill_tps=_rate(n_prompt - reused, prefill_s),
                     decode_tps=_rate(len(generated) - 1, decode_s),
                     peak_rss_mb=peak_rss_mb(),
+                    batch_size=batch_size,
                     runtime=backend.runtime_stats(),
                 ),
                 logprobs=logprobs if request.logprobs is not None else None,

@@ -6,9 +6,11 @@ adapter comes with the model name: ``gemma3-270m:sensor`` is the base model with
 loaded as ``sensor``; the ``adapters`` field (``{"sensor": 0.5}``) is an extension for scales
 and sets of adapters.
 
-All requests share one engine, and one worker thread runs their generations in arrival order:
-a request never sees another's adapters or KV cache, and the event loop is never blocked by
-the model. A client that disconnects cancels its generation at the next token.
+All requests share one engine, and one worker thread runs their generations in arrival order
+(with ``--parallel N``, up to N waiting requests together, as one batch where the backend
+has batches): a request never sees another's adapters or KV cache, and the event loop is
+never blocked by the model. A client that disconnects cancels its generation at the next
+token.
 """
 
 from __future__ import annotations
@@ -269,41 +271,21 @@ class _Run:
     would take CPU time from the model's threads (measured: +0.3 ms per token).
     """
 
-    def __init__(
-        self,
-        executor: ThreadPoolExecutor,
-        make: Callable[[], Stream],
-        record: Callable[[Result], None],
-        *,
-        pieces: bool,
-    ):
+    def __init__(self, server: Server, make: Callable[[], Stream], *, pieces: bool):
         self._loop = asyncio.get_running_loop()
-        self._record = record
-        self._pieces = pieces
+        self.make = make
+        self.pieces = pieces
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self._make = make
-        self._worker = self._loop.run_in_executor(executor, self._work)
+        self.cancelled = threading.Event()
+        self._left = asyncio.Event()
+        """Set once the worker is done with this run."""
+        server.submit(self)
 
-    def _put(self, kind: str, value: object) -> None:
+    def put(self, kind: str, value: object) -> None:
+        """From the worker: a piece, the Result (``done``) or an error; the last two end it."""
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
-
-    def _work(self) -> None:
-        try:
-            if self._cancelled.is_set():  # its client left while it waited for its turn
-                self._put("done", None)
-                return
-            stream = self._make()
-            with stream:
-                for piece in stream:
-                    if self._pieces:
-                        self._put("piece", piece)
-                    if self._cancelled.is_set():
-                        break
-            self._record(stream.result)
-            self._put("done", stream.result)
-        except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
-            self._put("error", exc)
+        if kind != "piece":
+            self._loop.call_soon_threadsafe(self._left.set)
 
     async def next(self) -> str | Result | None:
         """The next piece of text, then the Result, then None; engine errors are raised."""
@@ -313,26 +295,76 @@ class _Run:
         return value
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self.cancelled.set()
 
     async def finish(self) -> None:
         """Cancel the generation and wait until the worker has left it."""
-        self._cancelled.set()
+        self.cancelled.set()
         with anyio.CancelScope(shield=True):  # a cancelled request still waits for its worker
-            await self._worker
+            await self._left.wait()
 
 
 class Server:
-    """The state the routes share: the engine, its worker thread and the model names."""
+    """The state the routes share: the engine, its worker thread and the model names.
 
-    def __init__(self, engine: Engine, model: str, api_key: str | None):
+    Requests wait in arrival order; the worker takes up to ``parallel`` of them at a time and
+    runs them together (:meth:`Engine.run_together`): those with the same adapter set and
+    sampling settings as one batch of the backend where it has batches, the others after."""
+
+    def __init__(self, engine: Engine, model: str, api_key: str | None, parallel: int = 1):
         self.engine = engine
         self.model = model
         self.api_key = api_key
+        self.parallel = parallel
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgegemma-engine")
+        self._waiting: list[_Run] = []
+        self._waiting_lock = threading.Lock()
         self.created = int(time.time())
         self.generations: Counter[str] = Counter()
         """Generations run, by finish reason (``cancelled``: the client left)."""
+
+    def submit(self, run: _Run) -> None:
+        with self._waiting_lock:
+            self._waiting.append(run)
+        # One turn of the worker per run: a turn whose run an earlier turn already took
+        # finds it gone and takes the runs that arrived since, or none.
+        self.executor.submit(self._turn)
+
+    def _turn(self) -> None:
+        with self._waiting_lock:
+            runs, self._waiting = self._waiting[: self.parallel], self._waiting[self.parallel :]
+        streams: list[Stream] = []
+        started: list[_Run] = []
+        for run in runs:
+            if run.cancelled.is_set():  # its client left while it waited for its turn
+                run.put("done", None)
+                continue
+            try:
+                streams.append(run.make())
+            except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
+                run.put("error", exc)
+                continue
+            started.append(run)
+        if not streams:
+            return
+        failure: Exception = EdgeGemmaError("the generation did not finish")
+        try:
+            for index, piece in self.engine.run_together(streams):
+                run = started[index]
+                if run.pieces:
+                    run.put("piece", piece)
+                if run.cancelled.is_set():
+                    streams[index].close()
+        except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
+            failure = exc
+        for run, stream in zip(started, streams):
+            try:
+                result = stream.result
+            except EdgeGemmaError:  # the failure ended it, or its group never started
+                run.put("error", failure)
+                continue
+            self._record(result)
+            run.put("done", result)
 
     def _record(self, result: Result) -> None:
         self.generations[result.finish_reason] += 1  # only the worker thread writes
@@ -369,7 +401,7 @@ class Server:
         """Start a generation and wait for its first piece (or its Result), so that a request
         the engine refuses is answered with an error status before any of the response is
         sent."""
-        run = _Run(self.executor, make, self._record, pieces=pieces)
+        run = _Run(self, make, pieces=pieces)
         try:
             first = await run.next()
         except EdgeGemmaError as exc:
@@ -427,6 +459,7 @@ def _timings(result: Result) -> dict[str, float]:
         "predicted_ms": stats.decode_s * 1000,
         "predicted_per_second": stats.decode_tps,
         "total_ms": stats.total_s * 1000,
+        "batch_n": stats.batch_size,
     }
 
 
@@ -520,9 +553,13 @@ def create_app(
     model: str,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    parallel: int = 1,
 ) -> FastAPI:
-    """The ASGI application serving ``engine`` under the model name ``model``."""
-    server = Server(engine, model, api_key)
+    """The ASGI application serving ``engine`` under the model name ``model``; up to
+    ``parallel`` waiting requests run together."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise InvalidParameterError(f"parallel must be a positive integer, got {parallel!r}")
+    server = Server(engine, model, api_key, parallel)
     app = FastAPI(
         title="edgegemma",
         version=__version__,
@@ -584,6 +621,7 @@ def create_app(
             "status": "ok",
             "model": server.model,
             "backend": engine.backend_name,
+            "parallel": server.parallel,
             "generations": dict(server.generations),
         }
 
@@ -797,6 +835,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="default: %(default)s"
     )
     parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run up to N waiting requests together (default: %(default)s, one at a time)",
+    )
+    parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
     )
     return parser
@@ -821,7 +866,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for adapter, path in adapters:
             engine.load_adapter(adapter, path)
         app = create_app(
-            engine, model=name, api_key=options.api_key, max_body_bytes=options.max_body_bytes
+            engine,
+            model=name,
+            api_key=options.api_key,
+            max_body_bytes=options.max_body_bytes,
+            parallel=options.parallel,
         )
         config = uvicorn.Config(
             app,
