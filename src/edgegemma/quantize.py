@@ -9,6 +9,11 @@ compounds their error (measured in docs/models.md). The output is deterministic 
 llama.cpp on a given CPU architecture (aarch64 rounds a few blocks differently: GCC fuses
 multiply-adds there), so the build key names the architecture and ``models.lock`` pins a
 sha256 per architecture like any downloaded file.
+
+With ``importance`` (shipped weights, :mod:`edgegemma.importance`) the embedding is then
+quantized again from the source's values by llama.cpp's own ``ggml_quantize_chunk`` given
+those per-column weights, which ``llama_model_quantize`` can take only from a C++ map, and
+written over the first attempt in place (same type, same size).
 """
 
 from __future__ import annotations
@@ -16,10 +21,15 @@ from __future__ import annotations
 import ctypes
 import platform
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
+from . import importance
 from .builds import Progress, cached_build, sha256_file, tool_versions
 from .errors import ConversionError
+from .gguffile import read_header
 from .recipes import gguf_options
 from .stderr import captured_stderr
 from .threads import default_threads
@@ -39,7 +49,7 @@ def build_gguf(
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ConversionError(f"GGUF file not found: {gguf_path}")
-    checked = gguf_options(options["quant"], _embedding(options))
+    checked = gguf_options(options["quant"], _embedding(options), options.get("importance"))
     key = build_key(sha256_file(gguf_path), checked)
     folder = cached_build(
         KIND, key, lambda out: quantize(gguf_path, out / FILE, checked), progress=progress
@@ -49,9 +59,11 @@ def build_gguf(
 
 def build_key(source_sha256: str, options: Mapping[str, str]) -> dict[str, str]:
     """The build cache key of the GGUF with sha256 ``source_sha256`` requantized with ``options``."""
+    weights = options.get("importance")
     return {
         "source_sha256": source_sha256,
         **options,
+        **({"importance_sha256": importance.sha256(weights)} if weights else {}),
         "recipe": _RECIPE,
         **tool_versions(*_TOOLS),
         "machine": cpu_architecture(),
@@ -86,6 +98,57 @@ def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:
         raise ConversionError(
             f"llama.cpp could not quantize {source.name} with {dict(options)}: {log()[-500:]}"
         )
+    if embedding is not None and options.get("importance"):
+        _requantize_embedding(source, out, importance.load(options["importance"]))
+
+
+_EMBEDDING = "token_embd.weight"
+_ROWS_PER_TASK = 8192
+
+
+def _requantize_embedding(source: Path, out: Path, weights: np.ndarray) -> None:
+    """Quantize ``source``'s embedding again into ``out``'s, weighting columns by ``weights``."""
+    from gguf.quants import dequantize
+    from llama_cpp._ggml import libggml  # llama-cpp-python's own handle on libggml
+
+    stored, made = read_header(source).tensors[_EMBEDDING], read_header(out).tensors[_EMBEDDING]
+    columns, rows = made.shape
+    if weights.shape != (columns,):
+        raise ConversionError(
+            f"importance weights have {weights.size} columns; {source.name}'s embedding has "
+            f"{columns}"
+        )
+    raw = np.fromfile(source, dtype=np.uint8, count=stored.nbytes, offset=stored.offset)
+    raw = raw.reshape(rows, -1)
+    quantized = np.empty((rows, made.nbytes // rows), dtype=np.uint8)
+    quantize_chunk = libggml.ggml_quantize_chunk
+    quantize_chunk.restype = ctypes.c_size_t
+    quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
+
+    def task(first: int) -> int:
+        # A slice at a time: the whole embedding as float32 would be 4x the file's size.
+        n = min(_ROWS_PER_TASK, rows - first)
+        values = np.ascontiguousarray(dequantize(raw[first : first + n], stored.type), np.float32)
+        return int(
+            quantize_chunk(
+                int(made.type), values.ctypes.data, quantized[first].ctypes.data, 0, n, columns,
+                weights.ctypes.data,
+            )
+        )  # fmt: skip
+
+    # Rows are quantized independently, so the bytes do not depend on the thread count.
+    with ThreadPoolExecutor(default_threads()) as pool:
+        written = sum(pool.map(task, range(0, rows, _ROWS_PER_TASK)))
+    if written != made.nbytes:
+        raise ConversionError(
+            f"ggml wrote {written} bytes of the embedding, expected {made.nbytes}"
+        )
+    with open(out, "r+b") as f:
+        f.seek(made.offset)
+        f.write(quantized.data)
 
 
 def _embedding(options: Mapping[str, str]) -> str | None:

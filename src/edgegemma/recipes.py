@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import ConversionError
+from .importance import path as importance_path
 from .tflitefile import LORA_RANKS
 
 # -- gguf --------------------------------------------------------------------------------
@@ -25,15 +26,27 @@ GGUF_EMBEDDINGS = ("q8_0", "q6_k", "q5_0", "q4_0", "iq4_nl", "q4_1")
 """Types of the token embedding / tied output matrix (read once per generated token)."""
 
 
-def gguf_options(quant: str = "q4_k_m", embedding: str | None = None) -> dict[str, str]:
-    """Checked options of a requantized GGUF; ``embedding=None`` keeps the recipe's own choice."""
+def gguf_options(
+    quant: str = "q4_k_m", embedding: str | None = None, importance: str | None = None
+) -> dict[str, str]:
+    """Checked options of a requantized GGUF; ``embedding=None`` keeps the recipe's own choice.
+
+    ``importance`` names shipped importance weights (:mod:`edgegemma.importance`) the
+    embedding is quantized with; it needs an ``embedding`` type.
+    """
     if quant not in GGUF_QUANTS:
         raise ConversionError(f"quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
     if embedding is not None and embedding not in GGUF_EMBEDDINGS:
         raise ConversionError(
             f"embedding must be one of {', '.join(GGUF_EMBEDDINGS)}, got {embedding!r}"
         )
-    return {"quant": quant, "embedding": embedding or "recipe"}
+    options = {"quant": quant, "embedding": embedding or "recipe"}
+    if importance is not None:
+        if embedding is None:
+            raise ConversionError("importance weights apply to an embedding type: name one")
+        importance_path(importance)  # a ConversionError naming the shipped ones if unknown
+        options["importance"] = importance
+    return options
 
 
 # -- onnx --------------------------------------------------------------------------------

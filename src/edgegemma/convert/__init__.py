@@ -1,6 +1,6 @@
 """``edgegemma convert``: build models for a runtime from a GGUF, once, into the build cache.
 
-    edgegemma convert gemma3-270m --to gguf --quant q4_0 [--embedding q4_0]
+    edgegemma convert gemma3-270m --to gguf --quant q4_0 [--embedding q4_0] [--importance gemma3-270m]
     edgegemma convert gemma3-270m --to onnx [--precision int4|int8|fp32] [--quant-method default|k_quant]
                                             [--lora-targets q,k,v,o | --no-lora]
     edgegemma convert gemma3-270m --to litert [--quant RECIPE] [--lora-rank 16|32] [--context N]
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..builds import read_manifest
 from ..errors import InvalidParameterError
+from ..importance import names as importance_names
 from ..recipes import (
     GGUF_EMBEDDINGS,
     GGUF_QUANTS,
@@ -67,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=GGUF_EMBEDDINGS,
         help="gguf: type of the token embedding / output matrix (default: the recipe's choice)",
     )
+    gguf.add_argument(
+        "--importance",
+        metavar="MODEL",
+        help="gguf: quantize the embedding with MODEL's shipped importance weights "
+        f"(docs/models.md), one of {', '.join(importance_names())}",
+    )
     onnx = parser.add_argument_group("onnx")
     onnx.add_argument("--precision", choices=ONNX_PRECISIONS, default="int4",
                       help="weight precision (default: %(default)s)")  # fmt: skip
@@ -104,7 +111,9 @@ def _to_gguf(args: argparse.Namespace) -> int:
     if args.quant is None:
         raise InvalidParameterError("--to gguf needs --quant (e.g. --quant q4_0)")
     path = build_gguf(
-        _gguf(args.source), gguf_options(args.quant, args.embedding), progress=print_progress
+        _gguf(args.source),
+        gguf_options(args.quant, args.embedding, args.importance),
+        progress=print_progress,
     )
     print(path)
     print(_lock_record(path.parent))
