@@ -98,7 +98,7 @@ def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:
         raise ConversionError(
             f"llama.cpp could not quantize {source.name} with {dict(options)}: {log()[-500:]}"
         )
-    if embedding is not None and options.get("importance"):
+    if options.get("importance"):  # gguf_options() allows it only with an embedding type
         _requantize_embedding(source, out, importance.load(options["importance"]))
 
 
