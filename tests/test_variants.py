@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
 import edgegemma
@@ -23,7 +24,7 @@ from edgegemma.errors import (
     ModelError,
 )
 from edgegemma.gguffile import read_header
-from edgegemma.quantize import FILE, build_gguf
+from edgegemma.quantize import FILE, build_gguf, quantize_rows
 from edgegemma.recipes import gguf_options
 
 DEFAULT = models.DEFAULT_MODEL
@@ -185,6 +186,19 @@ def test_importance_weights_lower_the_weighted_error_of_the_embedding_alone(
     }
     # Measured: 0.65x the plain quantizer's importance-weighted squared error.
     assert errors["weighted"] < 0.8 * errors["plain"], errors
+
+
+def test_quantize_rows_rounds_like_ggml_and_refuses_what_it_cannot_quantize():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 64)).astype(np.float32)
+    made = quantize_rows(values, GGMLQuantizationType.Q4_0, None)
+    assert made.shape == (4, 2 * 18)  # two blocks of 32 values, 18 bytes each
+    back = dequantize(made, GGMLQuantizationType.Q4_0)
+    assert np.abs(back - values).max() < 0.5
+    with pytest.raises(ConversionError, match="blocks of 32"):
+        quantize_rows(values[:, :48], GGMLQuantizationType.Q4_0, None)
+    with pytest.raises(ConversionError, match="7 weights"):
+        quantize_rows(values, GGMLQuantizationType.IQ4_NL, np.ones(7, np.float32))
 
 
 def test_perplexity_of_the_shipped_text(default_path, gguf_path):

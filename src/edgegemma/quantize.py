@@ -109,7 +109,6 @@ _ROWS_PER_TASK = 8192
 def _requantize_embedding(source: Path, out: Path, weights: np.ndarray) -> None:
     """Quantize ``source``'s embedding again into ``out``'s, weighting columns by ``weights``."""
     from gguf.quants import dequantize
-    from llama_cpp._ggml import libggml  # llama-cpp-python's own handle on libggml
 
     stored, made = read_header(source).tensors[_EMBEDDING], read_header(out).tensors[_EMBEDDING]
     columns, rows = made.shape
@@ -121,34 +120,51 @@ def _requantize_embedding(source: Path, out: Path, weights: np.ndarray) -> None:
     raw = np.fromfile(source, dtype=np.uint8, count=stored.nbytes, offset=stored.offset)
     raw = raw.reshape(rows, -1)
     quantized = np.empty((rows, made.nbytes // rows), dtype=np.uint8)
+
+    def task(first: int) -> None:
+        # A slice at a time: the whole embedding as float32 would be 4x the file's size.
+        values = dequantize(raw[first : first + _ROWS_PER_TASK], stored.type)
+        quantized[first : first + _ROWS_PER_TASK] = quantize_rows(values, made.type, weights)
+
+    # Rows are quantized independently, so the bytes do not depend on the thread count.
+    with ThreadPoolExecutor(default_threads()) as pool:
+        list(pool.map(task, range(0, rows, _ROWS_PER_TASK)))
+    with open(out, "r+b") as f:
+        f.seek(made.offset)
+        f.write(quantized.data)
+
+
+def quantize_rows(values: np.ndarray, ggml_type: int, weights: np.ndarray | None) -> np.ndarray:
+    """The rows of ``values`` (a matrix) quantized to ``ggml_type`` by ggml's own quantizer, each
+    column's squared error weighted by ``weights`` (llama.cpp's importance matrix; None: the
+    type's plain rounding), as a ``uint8`` matrix with one row of blocks per row."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from llama_cpp._ggml import libggml  # llama-cpp-python's own handle on libggml
+
+    rows, columns = values.shape
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    if columns % block or (weights is not None and weights.shape != (columns,)):
+        raise ConversionError(
+            f"cannot quantize {columns} columns to blocks of {block} with "
+            f"{None if weights is None else weights.size} weights"
+        )
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if weights is not None:
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+    quantized = np.empty((rows, columns // block * block_bytes), dtype=np.uint8)
     quantize_chunk = libggml.ggml_quantize_chunk
     quantize_chunk.restype = ctypes.c_size_t
     quantize_chunk.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_void_p,
     ]  # fmt: skip
-
-    def task(first: int) -> int:
-        # A slice at a time: the whole embedding as float32 would be 4x the file's size.
-        n = min(_ROWS_PER_TASK, rows - first)
-        values = np.ascontiguousarray(dequantize(raw[first : first + n], stored.type), np.float32)
-        return int(
-            quantize_chunk(
-                int(made.type), values.ctypes.data, quantized[first].ctypes.data, 0, n, columns,
-                weights.ctypes.data,
-            )
-        )  # fmt: skip
-
-    # Rows are quantized independently, so the bytes do not depend on the thread count.
-    with ThreadPoolExecutor(default_threads()) as pool:
-        written = sum(pool.map(task, range(0, rows, _ROWS_PER_TASK)))
-    if written != made.nbytes:
-        raise ConversionError(
-            f"ggml wrote {written} bytes of the embedding, expected {made.nbytes}"
-        )
-    with open(out, "r+b") as f:
-        f.seek(made.offset)
-        f.write(quantized.data)
+    written = quantize_chunk(
+        int(ggml_type), values.ctypes.data, quantized.ctypes.data, 0, rows, columns,
+        None if weights is None else weights.ctypes.data,
+    )  # fmt: skip
+    if written != quantized.nbytes:
+        raise ConversionError(f"ggml wrote {written} bytes, expected {quantized.nbytes}")
+    return quantized
 
 
 def _embedding(options: Mapping[str, str]) -> str | None:

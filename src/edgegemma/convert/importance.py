@@ -26,6 +26,24 @@ CALIBRATION_TOKENS = 192
 """Tokens sampled after each opening (temperature 1, no truncation of the distribution)."""
 
 
+def calibration_texts(
+    model: Path,
+    openings: Sequence[str] = CALIBRATION_OPENINGS,
+    tokens: int = CALIBRATION_TOKENS,
+) -> list[str]:
+    """The model's own text: each opening and what the model samples after it (seeds 0, 1, ...)."""
+    from .. import load as load_engine
+
+    with load_engine(model, n_ctx=1024) as engine:
+        return [
+            opening
+            + engine.generate(
+                opening, max_tokens=tokens, temperature=1.0, top_k=0, top_p=1.0, seed=seed
+            ).text
+            for seed, opening in enumerate(openings)
+        ]  # fmt: skip
+
+
 def measure(
     model: Path,
     openings: Sequence[str] = CALIBRATION_OPENINGS,
@@ -34,16 +52,7 @@ def measure(
     """``E[h_j^2]`` over the model's own calibration text, and the number of tokens seen."""
     import llama_cpp
 
-    from .. import load as load_engine
-
-    with load_engine(model, n_ctx=1024) as engine:
-        texts = [
-            opening
-            + engine.generate(
-                opening, max_tokens=tokens, temperature=1.0, top_k=0, top_p=1.0, seed=seed
-            ).text
-            for seed, opening in enumerate(openings)
-        ]  # fmt: skip
+    texts = calibration_texts(model, openings, tokens)
     # With pooling off, llama.cpp's "embeddings" are each token's final hidden state after the
     # last norm: the output matrix's input.
     runtime = llama_cpp.Llama(
