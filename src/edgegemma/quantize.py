@@ -19,10 +19,12 @@ written over the first attempt in place (same type, same size).
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -139,7 +141,6 @@ def quantize_rows(values: np.ndarray, ggml_type: int, weights: np.ndarray | None
     column's squared error weighted by ``weights`` (llama.cpp's importance matrix; None: the
     type's plain rounding), as a ``uint8`` matrix with one row of blocks per row."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-    from llama_cpp._ggml import libggml  # llama-cpp-python's own handle on libggml
 
     rows, columns = values.shape
     block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
@@ -152,19 +153,27 @@ def quantize_rows(values: np.ndarray, ggml_type: int, weights: np.ndarray | None
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=np.float32)
     quantized = np.empty((rows, columns // block * block_bytes), dtype=np.uint8)
-    quantize_chunk = libggml.ggml_quantize_chunk
-    quantize_chunk.restype = ctypes.c_size_t
-    quantize_chunk.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_void_p,
-    ]  # fmt: skip
-    written = quantize_chunk(
+    written = _ggml_quantize_chunk()(
         int(ggml_type), values.ctypes.data, quantized.ctypes.data, 0, rows, columns,
         None if weights is None else weights.ctypes.data,
     )  # fmt: skip
     if written != quantized.nbytes:
         raise ConversionError(f"ggml wrote {written} bytes, expected {quantized.nbytes}")
     return quantized
+
+
+@functools.cache
+def _ggml_quantize_chunk() -> Any:
+    """ggml's ``ggml_quantize_chunk``, typed once (calls from several threads share it)."""
+    from llama_cpp._ggml import libggml  # llama-cpp-python's own handle on libggml
+
+    function = libggml.ggml_quantize_chunk
+    function.restype = ctypes.c_size_t
+    function.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
+    return function
 
 
 def _embedding(options: Mapping[str, str]) -> str | None:
