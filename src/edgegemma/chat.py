@@ -15,13 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal, NoReturn, TypedDict
-
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
+from typing import TYPE_CHECKING, Literal, NoReturn, TypedDict
 
 from .errors import InvalidParameterError, ModelError
+
+if TYPE_CHECKING:
+    import jinja2
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 Role = Literal["system", "user", "assistant"]
@@ -48,6 +47,8 @@ def gemma_template() -> str:
 
 
 def _raise(message: str) -> NoReturn:
+    import jinja2
+
     raise jinja2.TemplateError(message)
 
 
@@ -75,6 +76,8 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages``; a template's own refusal is an InvalidParameterError."""
+        import jinja2
+
         try:
             return _compile(self.source).render(
                 messages=[dict(m) for m in messages],
@@ -92,6 +95,11 @@ class ChatTemplate:
 
 @cache
 def _compile(source: str) -> jinja2.Template:
+    # Jinja is imported on the first chat, not with edgegemma: 7 MiB a process that only
+    # generates does without (docs/models.md, "Memory").
+    import jinja2.ext
+    import jinja2.sandbox
+
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )

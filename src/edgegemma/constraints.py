@@ -34,12 +34,12 @@ def make_constraint(
     choices: Sequence[str] | None, regex: str | None, json_schema: object | None
 ) -> Constraint | None:
     """The constraint a call asks for (at most one of the three), checked; None for none."""
-    import llguidance
-
     given = [name for name, value in (("choices", choices), ("regex", regex),
                                       ("json_schema", json_schema)) if value is not None]  # fmt: skip
     if not given:
         return None
+    import llguidance  # here, not at the top: a process that never constrains skips its 5 MiB
+
     if len(given) > 1:
         raise InvalidParameterError(f"give one constraint, not {' and '.join(given)}")
     kind = given[0]

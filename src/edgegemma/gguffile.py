@@ -13,12 +13,17 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelError
+from .partial_import import import_submodule
+
+if TYPE_CHECKING:
+    from gguf import constants
+else:
+    constants = import_submodule("gguf.constants")  # not the rest of gguf: partial_import.py
 
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
@@ -46,7 +51,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     """ggml order: shape[0] is the row length (the input dimension of a weight)."""
-    type: GGMLQuantizationType
+    type: constants.GGMLQuantizationType
     offset: int
     """Absolute offset of the data in the file."""
     nbytes: int
@@ -92,7 +97,10 @@ def read_header(path: Path) -> GGUFHeader:
 def tensor_array(header: GGUFHeader, name: str) -> np.ndarray:
     """A float tensor's values (F32/F16 only), shaped like numpy: ``shape[::-1]``."""
     info = header.tensors[name]
-    dtypes = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+    dtypes = {
+        constants.GGMLQuantizationType.F32: np.float32,
+        constants.GGMLQuantizationType.F16: np.float16,
+    }
     if info.type not in dtypes:
         raise ModelError(f"{header.path}: tensor {name} is {info.type.name}, expected F32 or F16")
     count = int(np.prod(info.shape))
@@ -187,7 +195,7 @@ class _Parser:
             return ("array", count) if count > _SMALL_ARRAY else items
         raise self.fail(f"unknown metadata value type {value_type}")
 
-    def tensor_info(self) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+    def tensor_info(self) -> tuple[str, tuple[int, ...], constants.GGMLQuantizationType, int]:
         name = self.string()
         n_dims = self.scalar("<I")
         if not 1 <= n_dims <= _MAX_DIMS:
@@ -197,13 +205,13 @@ class _Parser:
             raise self.fail(f"tensor {name} has an impossible shape {shape}")
         raw_type = self.scalar("<I")
         try:
-            ggml_type = GGMLQuantizationType(raw_type)
+            ggml_type = constants.GGMLQuantizationType(raw_type)
         except ValueError:
             raise self.fail(f"tensor {name} has unknown type {raw_type}") from None
         return name, shape, ggml_type, self.scalar("<Q")
 
 
-def _tensor_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+def _tensor_nbytes(shape: tuple[int, ...], ggml_type: constants.GGMLQuantizationType) -> int:
+    block_size, type_size = constants.GGML_QUANT_SIZES[ggml_type]
     n_elements = int(np.prod(shape, dtype=object))
     return n_elements // block_size * type_size

@@ -15,8 +15,8 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import llama_cpp as ll
 import numpy as np
 
 from ..adapters.gguf import check_lora, float32_copy
@@ -30,6 +30,7 @@ from ..errors import (
 )
 from ..gguffile import GGUFHeader, read_header
 from ..memory import release_mapped_file
+from ..partial_import import import_submodule
 from ..sampling import SamplingParams
 from .base import (
     AdapterHandle,
@@ -43,6 +44,11 @@ from .base import (
     apply_mask,
     target_log_probs,
 )
+
+if TYPE_CHECKING:
+    import llama_cpp.llama_cpp as ll
+else:
+    ll = import_submodule("llama_cpp.llama_cpp")  # the C bindings alone: partial_import.py
 
 _N_CTX_STEP = 256
 """llama.cpp pads n_ctx to this multiple; asking for exactly that avoids surprises."""
