@@ -219,6 +219,22 @@ def test_prefix_reuse_keeps_the_kernels_row_groups(clean_engine):
     assert warm == fresh
 
 
+def test_exact_reuse_stops_where_the_generated_tokens_begin(clean_engine):
+    # Generated tokens were evaluated one at a time; a fresh evaluation of the same text batches
+    # them, and llama.cpp's repacked kernels round a lone row differently: reusing their keys
+    # and values moved this continuation's log-probabilities by up to 0.12 (and changed 3 of 8
+    # greedy answers in a probe on the default model) until "exact" stopped reusing them.
+    engine = clean_engine
+    answer = engine.generate(FISHERMAN, max_tokens=21)
+    follow = FISHERMAN + answer.text + " Then"
+    warm = engine.generate(follow, max_tokens=8, logprobs=3)
+    assert 0 < warm.stats.cached_tokens <= len(engine.tokenize(FISHERMAN))
+    engine.reset()
+    cold = engine.generate(follow, max_tokens=8, logprobs=3)
+    assert warm.token_ids == cold.token_ids
+    assert warm.logprobs == cold.logprobs
+
+
 def test_no_prefix_reuse_under_adapters_by_default(clean_engine, lora_dir: Path):
     # Under a LoRA, llama.cpp's logits depend on how the prompt was batched: "exact" does not
     # reuse, so an answer never depends on the call before it.

@@ -264,3 +264,17 @@ def test_run_together_streams_each_piece_and_cancels_one_stream():
     with pytest.raises(InvalidParameterError, match="not been iterated"):
         next(engine.run_together([used]))
     used.close()
+
+
+@pytest.mark.parametrize("policy", ["exact", "always"])
+def test_exact_reuses_the_prompt_and_not_the_answer(policy):
+    # Generated tokens were decoded one at a time: "exact" never reuses their KV (a fresh
+    # evaluation batches them), "always" does.
+    backend = ScriptedBackend(lambda prompt, adapters: " reply")
+    engine = Engine(backend, model_path=Path("scripted"), prefix_cache=policy)
+    first = engine.generate("Hello", max_tokens=4)
+    assert first.text == " rep"
+    engine.generate("Hello" + first.text + " more", max_tokens=1)
+    reuse = [c for c in backend.calls if c.method == "start"][-1].args["reuse"]
+    prompt = first.stats.prompt_tokens  # BOS and "Hello"
+    assert reuse == prompt if policy == "exact" else reuse > prompt

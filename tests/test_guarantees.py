@@ -59,6 +59,13 @@ def test_cached_and_fresh_answers_match_without_adapters(always):
     assert reused.stats.cached_tokens > 10 and reused.token_ids == fresh
 
 
+def test_always_reuses_the_generated_tokens_too(always):
+    always.reset()
+    answer = always.generate(PREFIX, max_tokens=8)
+    again = always.generate(PREFIX + answer.text + " and", max_tokens=1)
+    assert again.stats.cached_tokens > len(always.tokenize(PREFIX))
+
+
 def test_shift_keeps_the_protected_prefix_and_closes_the_gap(gguf_path):
     with edgegemma.load(gguf_path, n_ctx=256, n_threads=2) as engine:
         keep = "Instructions: answer briefly.\n"

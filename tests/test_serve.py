@@ -397,6 +397,29 @@ def test_parallel_requests_run_as_one_batch(tmp_path, gguf_path, engine):
         stop_server(served)
 
 
+def test_prefix_cache_always_reuses_the_previous_answer(tmp_path, gguf_path):
+    # A chat's next turn starts with the previous answer: under the default "exact" its tokens
+    # are evaluated again (docs/reliability.md), under --prefix-cache always they are reused.
+    served = start_server(
+        tmp_path, "--model", str(gguf_path), "--name", NAME, "--n-ctx", "1024",
+        "--threads", "2", "--prefix-cache", "always",
+    )  # fmt: skip
+    try:
+        assert served.health()["prefix_cache"] == "always"
+        url = f"{served.url}/v1/chat/completions"
+        messages = [{"role": "user", "content": "Tell me about the sea."}]
+        first = httpx.post(
+            url, json={"model": NAME, "messages": messages, "max_tokens": 16}, timeout=120
+        ).json()
+        messages += [first["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+        second = httpx.post(
+            url, json={"model": NAME, "messages": messages, "max_tokens": 4}, timeout=120
+        ).json()
+        assert second["timings"]["cache_n"] > first["usage"]["prompt_tokens"]
+    finally:
+        stop_server(served)
+
+
 # -- misuse ----------------------------------------------------------------------------------
 
 GOOD_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

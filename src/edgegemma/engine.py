@@ -340,6 +340,11 @@ class Engine:
         # computed under. Reuse is allowed only under the very same set.
         self._cached_tokens: list[int] = []
         self._cached_key: tuple[tuple[int, float], ...] = ()
+        # How many of them were evaluated as a prompt. Generated tokens were evaluated one at
+        # a time, and a runtime's one-row kernels round differently from its batched ones
+        # (llama.cpp's repacked matmuls do): a fresh evaluation of the same text, batched,
+        # gets other keys and values for them, so "exact" does not reuse them.
+        self._cached_prompt = 0
         self._lock = threading.Lock()
         """Held by every generation and every change of the backend: one at a time."""
         self._state = threading.Lock()
@@ -960,14 +965,13 @@ class Engine:
         with self._exclusive():
             key = _adapter_key(bound)
             handles = [(loaded.handle, scale) for loaded, scale in bound]
-            reuse = 0
-            if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
-                reuse = min(_common_prefix(self._cached_tokens, prompt), len(prompt) - 1)
+            reuse = self._reusable(prompt, key, with_adapters=bool(handles))
             self._forget_cache()
             scores = self._scoring(
                 lambda: self._backend.score(prompt, continuations, reuse=reuse, adapters=handles)
             )
             self._cached_tokens = list(prompt)
+            self._cached_prompt = len(prompt)
             self._cached_key = key
             return scores
 
@@ -1143,9 +1147,7 @@ class Engine:
         self._free_doomed()
         key = _adapter_key(request.bound)
         handles = [(loaded.handle, scale) for loaded, scale in request.bound]
-        reuse = 0
-        if key == self._cached_key and self._may_reuse(with_adapters=bool(handles)):
-            reuse = min(_common_prefix(self._cached_tokens, tokens), len(tokens) - 1)
+        reuse = self._reusable(tokens, key, with_adapters=bool(handles))
 
         # Until start() returns, the backend's cache is in an unknown state.
         self._forget_cache()
@@ -1162,7 +1164,8 @@ class Engine:
             self._follow_free_cores()
             reused = driver.start(tokens, reuse=reuse, adapters=handles, sampling=request.sampling)
             prefill_s = time.perf_counter() - t_prefill
-            self._cached_tokens = tokens
+            self._cached_tokens = tokens  # the same list: it grows with the generated tokens
+            self._cached_prompt = n_prompt
             self._cached_key = key
             matcher = (
                 Matcher(request.constraint, self._vocabulary())
@@ -1328,6 +1331,7 @@ class Engine:
 
     def _forget_cache(self) -> None:
         self._cached_tokens = []
+        self._cached_prompt = 0
         self._cached_key = ()
 
     def _bind(self, adapters: Mapping[str, float]) -> list[tuple[_LoadedAdapter, float]]:
@@ -1458,10 +1462,19 @@ class Engine:
             )
         return max(keep, bos)
 
-    def _may_reuse(self, *, with_adapters: bool) -> bool:
-        info = self._backend.info
-        exact = info.exact_reuse_with_adapters if with_adapters else info.exact_reuse
-        return exact or self.prefix_cache == "always"
+    def _reusable(
+        self, tokens: list[int], key: tuple[tuple[int, float], ...], *, with_adapters: bool
+    ) -> int:
+        """How many leading ``tokens`` the backend may take from its KV cache."""
+        if key != self._cached_key:
+            return 0
+        limit = len(tokens) - 1  # the last token is evaluated again: its logits are needed
+        if self.prefix_cache != "always":
+            info = self._backend.info
+            if not (info.exact_reuse_with_adapters if with_adapters else info.exact_reuse):
+                return 0
+            limit = min(limit, self._cached_prompt)
+        return min(_common_prefix(self._cached_tokens, tokens), limit)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -45,7 +45,15 @@ except ModuleNotFoundError as exc:  # the server is an optional extra
     ) from None
 
 from . import __version__
-from .engine import ENGINE_ADAPTERS, OVERFLOW_POLICIES, Engine, Result, Stream, load
+from .engine import (
+    ENGINE_ADAPTERS,
+    OVERFLOW_POLICIES,
+    PREFIX_CACHE_POLICIES,
+    Engine,
+    Result,
+    Stream,
+    load,
+)
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -622,6 +630,7 @@ def create_app(
             "model": server.model,
             "backend": engine.backend_name,
             "parallel": server.parallel,
+            "prefix_cache": engine.prefix_cache,
             "generations": dict(server.generations),
         }
 
@@ -832,6 +841,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
     parser.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
     parser.add_argument(
+        "--prefix-cache",
+        choices=PREFIX_CACHE_POLICIES,
+        default="exact",
+        help="exact (default): reuse the KV cache only where the answer stays the fresh one; "
+        "always: also the previous answer's tokens and under adapters (faster multi-turn chat)",
+    )
+    parser.add_argument(
         "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="default: %(default)s"
     )
     parser.add_argument(
@@ -862,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_ctx=options.n_ctx,
         n_threads=options.threads,
         on_overflow=options.on_overflow,
+        prefix_cache=options.prefix_cache,
     ) as engine:
         for adapter, path in adapters:
             engine.load_adapter(adapter, path)
