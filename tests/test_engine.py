@@ -193,7 +193,9 @@ def test_prefix_cache_reuses_a_shared_prefix_and_matches_fresh_computation(clean
     engine = clean_engine
     engine.generate(instruction + "temp=40C", max_tokens=4)
     warm = engine.generate(instruction + "temp=95C", max_tokens=8)
-    assert warm.stats.cached_tokens >= len(engine.tokenize(instruction)) - 1
+    # All the instruction but what leaves 8 tokens to evaluate, as a fresh evaluation's batch
+    # of 8 or more would be (test_prefix_reuse_keeps_the_kernels_batch_sizes).
+    assert warm.stats.cached_tokens >= len(engine.tokenize(instruction + "temp=95C")) - 8
     engine.reset()
     cold = engine.generate(instruction + "temp=95C", max_tokens=8)
     assert cold.stats.cached_tokens == 0
@@ -233,6 +235,26 @@ def test_exact_reuse_stops_where_the_generated_tokens_begin(clean_engine):
     cold = engine.generate(follow, max_tokens=8, logprobs=3)
     assert warm.token_ids == cold.token_ids
     assert warm.logprobs == cold.logprobs
+
+
+def test_prefix_reuse_keeps_the_kernels_batch_sizes(clean_engine):
+    # llama.cpp multiplies its unrepacked K-quant layers (Q6_K) with another kernel in batches
+    # of 8 rows or more than below: every prefix cached by one prompt and reused by another
+    # (any length, any multiple of four) gives the fresh logits. Before the backend took
+    # that into account, 5 of these 31 cases were up to 0.08 apart.
+    engine = clean_engine
+    text = FISHERMAN + " had a small boat and a big dog named Max, and every morning he went out"
+    tokens = engine.tokenize(text)
+    differing = []
+    for n in (29, 30, 31, 36):
+        engine.reset()
+        fresh = engine.generate(tokens[:n], max_tokens=2, logprobs=2).logprobs
+        for cached in range(4, n, 4):
+            engine.reset()
+            engine.generate(tokens[:cached], max_tokens=0)
+            if engine.generate(tokens[:n], max_tokens=2, logprobs=2).logprobs != fresh:
+                differing.append((n, cached))
+    assert differing == []
 
 
 def test_no_prefix_reuse_under_adapters_by_default(clean_engine, lora_dir: Path):

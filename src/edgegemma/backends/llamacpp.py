@@ -59,6 +59,12 @@ and the rows left over one at a time, which rounds differently. A prompt evaluat
 reused prefix gets bit-identically a fresh evaluation's logits only if every row lands in the
 same kind of group: the reused prefix is a multiple of this and batches start at multiples of
 _N_BATCH, counted from position 0 (measured: otherwise 1 greedy answer in 20 changed)."""
+_TILED_MIN_ROWS = 8
+"""llama.cpp multiplies the K-quant matrices it does not repack (the Q6_K layers here) with a
+tiled kernel in batches of 8 rows or more and row by row below that (ggml-cpu's tiled.cpp); the
+two round differently. So a reused row must have come from a batch on the same side of 8 as
+the one a fresh evaluation of the new prompt puts it in, and the rows evaluated after a reused
+prefix too (measured: otherwise a few reuse lengths in a sweep gave logits up to 0.08 apart)."""
 _LOG_ERROR, _LOG_CONT = 4, 5
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
 _SCORE_CHUNK = 32
@@ -164,6 +170,7 @@ class LlamaCppBackend(Backend):
         # The ctypes pointer objects llama.cpp returned; passed back to it as they are.
         self._loaded: list[AdapterHandle] = []
         self._n_past = 0  # tokens whose KV is in the cache
+        self._prompt_length = 0  # of them, the prompt start() evaluated in batches
         self._pending: int | None = None  # sampled but not yet evaluated
         self._greedy = True  # argmax in numpy: ~0.03 ms a token against ~0.3 ms in a sampler
         self._logit_views: dict[int, np.ndarray] = {}
@@ -325,6 +332,8 @@ class LlamaCppBackend(Backend):
         self._apply_adapters(adapters)
         keep = min(reuse, self._n_past, len(tokens) - 1)
         keep -= keep % _ROW_GROUP
+        while keep and not _same_kernels(keep, self._prompt_length, len(tokens)):
+            keep -= _ROW_GROUP
         if keep < self._n_past and not ll.llama_memory_seq_rm(self._memory, 0, keep, -1):
             keep = 0
         if keep == 0:
@@ -332,6 +341,7 @@ class LlamaCppBackend(Backend):
         self._n_past = keep
         self._pending = None
         self._evaluate(tokens[keep:])
+        self._prompt_length = len(tokens)
         self._greedy = sampling.greedy and sampling.repeat_penalty == 1.0
         self._new_sampler(sampling, tokens)
         return keep
@@ -512,6 +522,7 @@ class LlamaCppBackend(Backend):
         """Forget every sequence in the KV cache."""
         ll.llama_memory_clear(self._memory, True)
         self._n_past = 0
+        self._prompt_length = 0
         self._pending = None
 
     def logits(self) -> np.ndarray:
@@ -696,6 +707,26 @@ class _Batch:
 _Entry = tuple[int, int, Sequence[int], Sequence[int] | None]
 """A token to evaluate: id, position, the sequences it belongs to, and the tokens whose
 log-probability after it is wanted (None: no logits)."""
+
+
+def _same_kernels(keep: int, cached_prompt: int, prompt: int) -> bool:
+    """Whether reusing ``keep`` cached tokens of an earlier ``cached_prompt``-token prompt leaves
+    every row of a ``prompt``-token prompt on the kernels its fresh evaluation would use (see
+    _TILED_MIN_ROWS; batches end at multiples of _N_BATCH, so only the batch holding the last
+    reused row and the one holding the first new row can differ)."""
+
+    def tiled(first: int, end: int) -> bool:
+        return end - first >= _TILED_MIN_ROWS
+
+    last = keep - 1
+    start = last - last % _N_BATCH
+    if keep <= cached_prompt and tiled(start, min(start + _N_BATCH, cached_prompt)) != tiled(
+        start, min(start + _N_BATCH, prompt)
+    ):
+        return False
+    start = keep - keep % _N_BATCH
+    end = min(start + _N_BATCH, prompt)
+    return tiled(keep, end) == tiled(start, end)
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
