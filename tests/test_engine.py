@@ -241,7 +241,7 @@ def test_prefix_reuse_keeps_the_kernels_batch_sizes(clean_engine):
     # llama.cpp multiplies its unrepacked K-quant layers (Q6_K) with another kernel in batches
     # of 8 rows or more than below: every prefix cached by one prompt and reused by another
     # (any length, any multiple of four) gives the fresh logits. Before the backend took
-    # that into account, 5 of these 31 cases were up to 0.08 apart.
+    # that into account, 6 of these 29 cases were up to 0.1 apart.
     engine = clean_engine
     text = FISHERMAN + " had a small boat and a big dog named Max, and every morning he went out"
     tokens = engine.tokenize(text)

@@ -61,7 +61,7 @@ def test_cached_and_fresh_answers_match_without_adapters(always):
 
 def test_always_reuses_the_generated_tokens_too(always):
     always.reset()
-    answer = always.generate(PREFIX, max_tokens=8)
+    answer = always.generate(PREFIX, max_tokens=16)
     again = always.generate(PREFIX + answer.text + " and", max_tokens=1)
     assert again.stats.cached_tokens > len(always.tokenize(PREFIX))
 

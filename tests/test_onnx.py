@@ -211,8 +211,9 @@ def _teacher_forced_top1(engine, ids: list[int]) -> list[int]:
     backend, greedy = engine._backend, SamplingParams()
     predictions = []
     for k in range(1, len(ids)):
-        # llama.cpp reuses down to a multiple of its kernels' four-row groups.
-        assert backend.start(ids[:k], reuse=k - 1, adapters=[], sampling=greedy) > k - 5
+        # llama.cpp reuses down to a multiple of its kernels' four-row groups, leaving 8 rows to
+        # evaluate where a fresh evaluation has 8 or more (its tiled kernels).
+        assert backend.start(ids[:k], reuse=k - 1, adapters=[], sampling=greedy) > k - 12
         predictions.append(backend.next_token())
     engine.reset()
     return predictions
