@@ -266,6 +266,31 @@ def test_run_together_streams_each_piece_and_cancels_one_stream():
     used.close()
 
 
+@settings(max_examples=150, deadline=None)
+@given(requests=st.lists(st.tuples(stops, st.integers(0, 30)), min_size=4, max_size=8))
+def test_run_together_answers_as_each_stream_alone(requests):
+    """Whatever each stream's stop strings and limit: a stream that ends holding back text
+    (a partial stop string at its limit) leaves the batch without stalling the others."""
+
+    def reply(prompt: str, adapters: dict[str, float]) -> str:
+        return f"{prompt}: caf\u00e9 \u2192 {prompt * 3}!? done"
+
+    backend = ScriptedBackend(reply)
+    engine = Engine(backend, model_path=Path("scripted"))
+    prompts = [chr(ord("a") + i) for i in range(len(requests))]
+    streams = [engine.stream(p, max_tokens=n, stop=stop) for p, (stop, n) in zip(prompts, requests)]
+    texts = ["" for _ in streams]
+    for index, piece in engine.run_together(streams):
+        texts[index] += piece
+    for p, (stop, n), stream, text in zip(prompts, requests, streams, texts):
+        alone = engine.generate(p, max_tokens=n, stop=stop)
+        assert (text, stream.result.text, stream.result.finish_reason) == (
+            alone.text,
+            alone.text,
+            alone.finish_reason,
+        )
+
+
 @pytest.mark.parametrize("policy", ["exact", "always"])
 def test_exact_reuses_the_prompt_and_not_the_answer(policy):
     # Generated tokens were decoded one at a time: "exact" never reuses their KV (a fresh

@@ -264,6 +264,24 @@ def test_generate_many_runs_sequences_together_on_llamacpp(engine):
     assert isinstance(edgegemma.Classification, type)
 
 
+def test_run_together_a_stream_ending_on_held_back_text_leaves_the_batch(engine):
+    # The last stream stops at its limit in the middle of what could still become its stop
+    # string: its held-back text goes out after its last token, and the streams before it
+    # in the batch go on (this stalled the batch with "driven out of step" before).
+    prompts = [PROMPT, "Once upon a time", "Water boils at", "My favourite food is"]
+    short = engine.generate(prompts[3], max_tokens=3)
+    stop = [short.text[-1] + "\x00"]
+    streams = [engine.stream(p, max_tokens=10) for p in prompts[:3]]
+    streams.append(engine.stream(prompts[3], max_tokens=3, stop=stop))
+    texts = ["" for _ in streams]
+    for index, piece in engine.run_together(streams):
+        texts[index] += piece
+    assert [s.result.stats.batch_size for s in streams] == [4] * 4
+    assert texts == [s.result.text for s in streams]
+    assert streams[3].result.text == short.text and streams[3].result.finish_reason == "length"
+    assert all(s.result.stats.completion_tokens == 10 for s in streams[:3])
+
+
 def test_classify_many_keeps_the_order_around_a_prompt_scored_alone(engine):
     # A prompt too long to hold beside all its label branches is scored on its own, between
     # the batches before and after it.

@@ -1212,6 +1212,10 @@ class Engine:
                     break
             if matcher is not None and finish == "length" and not matcher.satisfied:
                 detail = f"{detail} before the output satisfied the {matcher.kind} constraint"
+            if sequence is not None:
+                # Leave the batch before the held-back text goes out: that yield takes no
+                # token, and a row still waiting in the lockstep would stall the next pass.
+                sequence.finish()
             tail = text.finish(stopped=finish == "stop" and detail.startswith("stop string"))
             if tail:
                 yield tail

@@ -258,7 +258,8 @@ class BatchedSequence(ABC):
 
     @abstractmethod
     def finish(self) -> None:
-        """This sequence is done: it is evaluated no further and its cache cells are freed."""
+        """This sequence is done: it is evaluated no further and its cache cells are freed.
+        A second call does nothing."""
 
 
 class LockstepBatch(Protocol):
