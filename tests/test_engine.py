@@ -343,10 +343,12 @@ def test_model_file_is_not_an_adapter(clean_engine, gguf_path: Path):
 
 def test_llama_cpp_reason_is_reported_for_what_only_it_checks(clean_engine, base_header, tmp_path):
     import gguf
+    import llama_cpp  # noqa: F401 -- its high-level API installs its own logger on import
     import numpy as np
 
     # A well-formed adapter whose aLoRA invocation tokens have the wrong element type: only
-    # llama.cpp checks that, and its log line must reach the exception.
+    # llama.cpp checks that, and its log line must reach the exception (also after
+    # llama-cpp-python's logger was installed, which took the line before).
     path = tmp_path / "alora.gguf"
     n_in, n_out = base_header.tensors["blk.0.attn_q.weight"].shape
     writer = gguf.GGUFWriter(str(path), "gemma3")

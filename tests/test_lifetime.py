@@ -67,8 +67,8 @@ def test_a_closed_or_dropped_stream_releases_its_adapters(scripted):
     engine, backend, files = scripted
     engine.load_adapter("emoji", files["emoji"])
     engine.load_adapter("other", files["other"])
-    closed = engine.stream("p", adapters={"emoji": 1.0})
-    dropped = engine.stream("p", adapters={"other": 1.0})
+    closed = engine.stream("p", max_tokens=8, adapters={"emoji": 1.0})
+    dropped = engine.stream("p", max_tokens=8, adapters={"other": 1.0})
     engine.unload_adapter("emoji")
     engine.unload_adapter("other")
     closed.close()

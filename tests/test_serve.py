@@ -397,6 +397,62 @@ def test_parallel_requests_run_as_one_batch(tmp_path, gguf_path, engine):
         stop_server(served)
 
 
+def test_a_request_arriving_while_a_batch_runs_joins_it(tmp_path, gguf_path):
+    served = start_server(
+        tmp_path,
+        "--model", str(gguf_path),
+        "--name", NAME,
+        "--n-ctx", "1024",
+        "--threads", "2",
+        "--parallel", "8",
+    )  # fmt: skip
+    try:
+        url = f"{served.url}/v1/completions"
+        replies: dict[object, tuple[httpx.Response, float]] = {}
+
+        def post(key: object, body: dict) -> threading.Thread:
+            def send() -> None:
+                response = httpx.post(url, json=body, timeout=300)
+                replies[key] = response, time.monotonic()
+
+            thread = threading.Thread(target=send)
+            thread.start()
+            return thread
+
+        # A request with other sampling settings (top_k) holds the worker while four long ones
+        # and one that cannot fit the context arrive; the four then run as a batch, and a
+        # short request sent while they run joins it and is answered before they end.
+        holder = post("holder", {"model": NAME, "prompt": PROMPT, "max_tokens": 100,
+                                 "temperature": 0, "top_k": 5})  # fmt: skip
+        time.sleep(0.5)
+        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 120, "temperature": 0}
+        longs = [post(i, body) for i in range(4)]
+        overflow = post("overflow", {"model": NAME, "prompt": PROMPT, "max_tokens": 5000})
+        holder.join()
+        overflow.join()
+        time.sleep(1.0)
+        short = post("short", {"model": NAME, "prompt": "Water boils at", "max_tokens": 4,
+                               "temperature": 0})  # fmt: skip
+        for thread in [short, *longs]:
+            thread.join()
+        failed, _ = replies["overflow"]
+        assert failed.status_code == 400
+        assert failed.json()["error"]["code"] == "context_length_exceeded"
+        answer, answered_at = replies["short"]
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["timings"]["batch_n"] == 5
+        assert answer.json()["usage"]["completion_tokens"] == 4
+        for i in range(4):
+            response, ended_at = replies[i]
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] == 120
+            assert response.json()["timings"]["batch_n"] == 4
+            assert answered_at < ended_at, "the short request waited for the batch to end"
+        assert served.health()["generations"]["length"] >= 6
+    finally:
+        stop_server(served)
+
+
 def test_prefix_cache_always_reuses_the_previous_answer(tmp_path, gguf_path):
     # A chat's next turn starts with the previous answer: under the default "exact" its tokens
     # are evaluated again (docs/reliability.md), under --prefix-cache always they are reused.

@@ -17,6 +17,7 @@ from .engine import (
     Result,
     Stats,
     Stream,
+    Together,
     TokenLogprob,
     load,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "SamplingParams",
     "Stats",
     "Stream",
+    "Together",
     "TokenLogprob",
     "available_backends",
     "load",

@@ -271,6 +271,11 @@ class Stream(Iterator[str]):
             self.running = False
 
     @property
+    def finished(self) -> bool:
+        """Whether the generation has ended (:attr:`result` is there)."""
+        return bool(self._outcome)
+
+    @property
     def result(self) -> Result:
         if not self._outcome:
             raise EdgeGemmaError("the stream has not finished; iterate it to the end first")
@@ -349,7 +354,7 @@ class Engine:
         """Held by every generation and every change of the backend: one at a time."""
         self._state = threading.Lock()
         """Guards the adapter registry, the holder and a pending close (short sections only)."""
-        self._holder: weakref.ReferenceType[Stream] | None = None
+        self._holder: weakref.ReferenceType[Stream | Together] | None = None
         self._doomed: list[_LoadedAdapter] = []
         """Unloaded adapters whose last call has ended: freed by the next holder of the lock."""
         self._close_pending = False
@@ -597,12 +602,16 @@ class Engine:
             sampling=sampling,
             stop=stops,
             adapters=dict(active),
-            bound=self._bind(active),
+            bound=[],
             on_overflow=policy,
             timeout=timeout,
             constraint=constraint,
             logprobs=logprobs,
         )
+        # A request that cannot fit the context fails here, alone, rather than in the middle of
+        # run_together with others.
+        self._fit_context(request, self.n_ctx)
+        request.bound = self._bind(active)
         return Stream(self, request)
 
     def perplexity(
@@ -809,47 +818,47 @@ class Engine:
             pass
         return [stream.result for stream in streams]
 
-    def run_together(self, streams: Sequence[Stream]) -> Iterator[tuple[int, str]]:
+    def run_together(self, streams: Sequence[Stream]) -> Together:
         """Run streams made by :meth:`stream` or :meth:`stream_chat` (not yet iterated) as
-        :meth:`generate_many` runs its prompts; yield ``(index, text)`` as the stream at
-        ``index`` produces text. Afterwards each stream's ``result`` holds its Result.
+        :meth:`generate_many` runs its prompts; iterate the returned :class:`Together` for
+        ``(index, text)`` as the stream at ``index`` produces text. Afterwards each stream's
+        ``result`` holds its Result; :meth:`Together.add` brings in more streams while they
+        run.
 
         Streams with the same adapter set and sampling settings run together; the others
-        one group after another. Closing a stream between two pieces cancels it, the others
-        go on; closing the iterator cancels the streams running then (the streams of groups
-        not yet started are left without a result). The engine is held until the iterator is
-        exhausted or closed.
+        one group after another, the group of the stream waiting longest first. Closing a
+        stream between two pieces cancels it, the others go on; closing the iterator cancels
+        the streams running then (the streams not yet started are left without a result).
+        The engine is held until the iterator is exhausted or closed.
         """
-        streams = list(streams)
-        for stream in streams:
-            if stream._engine is not self or stream._outcome or stream._holding_lock:
-                raise InvalidParameterError(
-                    "run_together takes streams of this engine that have not been iterated"
-                )
+        return Together(self, streams)
+
+    def _run_together(self, together: Together) -> Generator[tuple[int, str], None, None]:
+        """The pieces of ``together``'s streams; runs while ``together`` holds the engine."""
+        streams = together._streams  # grows while it runs (Together.add)
         try:
-            with self._exclusive():
-                fitted = [self._fit_context(stream._request, self.n_ctx) for stream in streams]
-                kinds: dict[object, list[int]] = {}
-                for index, stream in enumerate(streams):
-                    request = stream._request
-                    key = (request.sampling, tuple((id(a), s) for a, s in request.bound))
-                    kinds.setdefault(key, []).append(index)
-                for members in kinds.values():
-                    sizes = [(len(fitted[i][0]), len(fitted[i][0]) + fitted[i][2]) for i in members]
-                    for group in self._batch_groups(sizes):
-                        chosen = [members[i] for i in group]
-                        together = self._generate_together(
-                            [streams[i] for i in chosen],
-                            [fitted[i][0] for i in chosen],
-                            max(fitted[i][2] for i in chosen),
-                        )
-                        for position, piece in together:
-                            if piece:
-                                yield chosen[position], piece
+            while together._waiting:
+                group = self._next_group(together)
+                for index, piece in self._generate_together(together, group):
+                    if piece:
+                        yield index, piece
         finally:
+            together._over = True
             for stream in streams:
                 stream.close()  # unbinds its adapters; a stream not yet finished is cancelled
             self._free_doomed()
+
+    def _next_group(self, together: Together) -> list[int]:
+        """Take from ``together``'s waiting streams the first batch the backend can evaluate
+        together among those of the longest-waiting stream's adapter set and sampling."""
+        waiting = together._waiting
+        kind = _kind(together._streams[waiting[0]]._request)
+        members = [i for i in waiting if _kind(together._streams[i]._request) == kind]
+        fitted = together._fitted
+        sizes = [(len(fitted[i][0]), len(fitted[i][0]) + fitted[i][2]) for i in members]
+        group = [members[i] for i in self._batch_groups(sizes)[0]]
+        together._waiting = [i for i in waiting if i not in group]
+        return group
 
     def _batch_groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
         """Indices of sequences, given as (prompt tokens, cells needed), in groups the backend
@@ -869,45 +878,74 @@ class Engine:
             open_groups[key] = (group, cells + need)
         return groups
 
-    def _generate_together(
-        self, streams: list[Stream], prompts: list[list[int]], max_tokens: int
-    ) -> Iterator[tuple[int, str]]:
-        """Run ``streams`` as one batch of the backend's sequences (a few: one by one),
-        yielding ``(position in streams, text)`` once per token of each."""
-        if len(streams) < self._backend.features.batch_min:
-            for position, stream in enumerate(streams):
-                for piece in stream._pieces:
-                    yield position, piece
+    def _generate_together(self, together: Together, group: list[int]) -> Iterator[tuple[int, str]]:
+        """Run the streams at ``group`` as one batch of the backend's sequences (a few: one by
+        one), yielding ``(index, text)`` once per token of each. Between two passes, waiting
+        streams of the same kind join the batch where the backend can grow one."""
+        streams = together._streams
+        backend = self._backend
+        if len(group) < backend.features.batch_min:
+            for index in group:
+                for piece in streams[index]._pieces:
+                    yield index, piece
             return
-        request = streams[0]._request
+        request = streams[group[0]]._request
+        kind = _kind(request)
         handles = [(loaded.handle, scale) for loaded, scale in request.bound]
+        fitted = together._fitted
         self._forget_cache()  # the batch replaces the backend's own sequence
-        sequences = self._backend.batch(
-            prompts, max_tokens=max_tokens, adapters=handles, sampling=request.sampling
+        sequences = backend.batch(
+            [fitted[i][0] for i in group],
+            max_tokens=max(fitted[i][2] for i in group),
+            adapters=handles,
+            sampling=request.sampling,
         )
-        for stream, sequence in zip(streams, sequences):
-            # The stream's generation now drives its sequence of the batch (the generator it
-            # had was never started); closing the stream closes this one.
-            stream._pieces = self._generate(
-                stream._request, stream._outcome, sequence, len(sequences)
-            )
-        running = list(enumerate(zip(streams, sequences)))
+        running: dict[int, BatchedSequence] = {}
+        for index, sequence in zip(group, sequences):
+            self._drive(streams[index], sequence, len(group))
+            running[index] = sequence
         try:
             while running:  # one token of each sequence per round: one pass of the model
-                for entry in list(running):
-                    position, (stream, sequence) = entry
+                if backend.features.batch_join:
+                    self._join(together, kind, running)
+                for index, sequence in list(running.items()):
                     try:
-                        piece = next(stream._pieces)
+                        piece = next(streams[index]._pieces)
                     except StopIteration:  # finished, or its stream was closed
                         sequence.finish()
-                        running.remove(entry)
+                        del running[index]
                         continue
-                    yield position, piece
+                    yield index, piece
         finally:
-            for _, (stream, sequence) in running:
-                stream._pieces.close()
+            for index, sequence in running.items():
+                streams[index]._pieces.close()
                 sequence.finish()
             self._forget_cache()  # each sequence recorded its tokens as the cache's
+
+    def _join(self, together: Together, kind: object, running: dict[int, BatchedSequence]) -> None:
+        """Between two passes: add to the batch the waiting streams of its kind that fit, in
+        the order they came, while it has rows free."""
+        fitted = together._fitted
+        cells = sum(len(fitted[i][0]) + fitted[i][2] for i in running)
+        for index in list(together._waiting):
+            if len(running) >= self._backend.features.batch:
+                break
+            tokens, _, limit, _ = fitted[index]
+            if (
+                _kind(together._streams[index]._request) != kind
+                or cells + len(tokens) + limit > self.n_ctx
+            ):
+                continue
+            sequence = self._backend.join(tokens, max_tokens=limit)
+            together._waiting.remove(index)
+            cells += len(tokens) + limit
+            running[index] = sequence
+            self._drive(together._streams[index], sequence, len(running))
+
+    def _drive(self, stream: Stream, sequence: BatchedSequence, batch_size: int) -> None:
+        # The stream's generation now drives its sequence of the batch (the generator it had
+        # was never started); closing the stream closes this one.
+        stream._pieces = self._generate(stream._request, stream._outcome, sequence, batch_size)
 
     def _label_ids(self, labels: object) -> list[list[int]]:
         if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or not labels:
@@ -1484,7 +1522,7 @@ class Engine:
         if self._closed:
             raise EngineClosedError("the engine is closed")
 
-    def _acquire(self, stream: Stream) -> None:
+    def _acquire(self, stream: Stream | Together) -> None:
         if self._holder_thread() == threading.get_ident():
             raise EngineBusyError(
                 "another stream of this engine is open and this thread is iterating it; "
@@ -1525,6 +1563,93 @@ class Engine:
         if self._holder_thread() == threading.get_ident():
             raise EngineBusyError("a stream of this engine is open in this thread; close it first")
         return _Exclusive(self)
+
+
+class Together(Iterator[tuple[int, str]]):
+    """Streams running together (:meth:`Engine.run_together`): an iterator of ``(index,
+    text)``, where ``index`` is the stream's position in the order the streams were given
+    and added."""
+
+    def __init__(self, engine: Engine, streams: Sequence[Stream]):
+        self._engine = engine
+        self._streams: list[Stream] = []
+        self._fitted: list[tuple[list[int], int, int, str]] = []
+        self._waiting: list[int] = []
+        """Indices of the streams not started yet, in the order they came."""
+        self._over = False
+        try:
+            for stream in streams:
+                self._admit(stream)
+        except BaseException:
+            for stream in self._streams:
+                stream.close()  # unbinds their adapters
+            raise
+        self._pieces: Generator[tuple[int, str], None, None] = engine._run_together(self)
+        self._holding_lock = False
+        self.thread: int | None = None
+        """The thread iterating it now, or the last one that did (as :attr:`Stream.thread`)."""
+        self.running = False
+        """Whether a thread is inside ``next()``."""
+
+    def add(self, stream: Stream) -> int:
+        """Run ``stream`` (made by :meth:`Engine.stream` or :meth:`Engine.stream_chat`, not
+        yet iterated) too, and return its index. Call it from the thread iterating, between
+        two pieces. On a backend that can grow a running batch (llama.cpp) a stream with the
+        batch's adapter set and sampling settings joins it at the next pass when a row and
+        its context cells are free; otherwise it waits for the streams before it."""
+        if self._over:
+            raise InvalidParameterError("these streams have finished; start a new run_together")
+        self._admit(stream)
+        return len(self._streams) - 1
+
+    def _admit(self, stream: Stream) -> None:
+        engine = self._engine
+        if (
+            not isinstance(stream, Stream)
+            or stream._engine is not engine
+            or stream._outcome
+            or stream._holding_lock
+            or any(stream is other for other in self._streams)
+        ):
+            raise InvalidParameterError(
+                "run_together takes streams of this engine that have not been iterated"
+            )
+        self._fitted.append(engine._fit_context(stream._request, engine.n_ctx))
+        self._streams.append(stream)
+        self._waiting.append(len(self._streams) - 1)
+
+    def __next__(self) -> tuple[int, str]:
+        # It holds the engine as a stream does: between two pieces its thread may still read
+        # the model (tokenize a new stream's prompt) and another thread's close() ends it.
+        self.thread = threading.get_ident()
+        if not self._holding_lock and not self._over:
+            self._engine._acquire(self)
+            self._holding_lock = True
+        self.running = True
+        try:
+            return next(self._pieces)
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            self.running = False
+
+    def close(self) -> None:
+        """Cancel the streams running; those not started are left without a result."""
+        try:
+            self._pieces.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._holding_lock:
+            self._holding_lock = False
+            self._engine._release()
+        self._engine._free_doomed_if_idle()
+
+    def __del__(self) -> None:
+        if getattr(self, "_holding_lock", False):
+            self.close()
 
 
 class _Exclusive:
@@ -1643,6 +1768,11 @@ def load(
     return Engine(
         opened, model_path=path, on_overflow=on_overflow, prefix_cache=prefix_cache, threads=policy
     )
+
+
+def _kind(request: _Request) -> object:
+    """What requests must share to run as one batch: sampling settings and adapter set."""
+    return (request.sampling, tuple((id(a), s) for a, s in request.bound))
 
 
 def _adapter_key(bound: Sequence[tuple[_LoadedAdapter, float]]) -> tuple[tuple[int, float], ...]:

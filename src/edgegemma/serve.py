@@ -315,9 +315,11 @@ class _Run:
 class Server:
     """The state the routes share: the engine, its worker thread and the model names.
 
-    Requests wait in arrival order; the worker takes up to ``parallel`` of them at a time and
-    runs them together (:meth:`Engine.run_together`): those with the same adapter set and
-    sampling settings as one batch of the backend where it has batches, the others after."""
+    Requests wait in arrival order; the worker runs up to ``parallel`` of them at a time
+    together (:meth:`Engine.run_together`): those with the same adapter set and sampling
+    settings as one batch of the backend where it has batches, the others after. Each is
+    answered as soon as it finishes, and a request that arrives while others run takes a
+    free place at once (:meth:`Together.add`: on llama.cpp it joins the running batch)."""
 
     def __init__(self, engine: Engine, model: str, api_key: str | None, parallel: int = 1):
         self.engine = engine
@@ -339,40 +341,59 @@ class Server:
         self.executor.submit(self._turn)
 
     def _turn(self) -> None:
-        with self._waiting_lock:
-            runs, self._waiting = self._waiting[: self.parallel], self._waiting[self.parallel :]
         streams: list[Stream] = []
         started: list[_Run] = []
-        for run in runs:
-            if run.cancelled.is_set():  # its client left while it waited for its turn
-                run.put("done", None)
-                continue
-            try:
-                streams.append(run.make())
-            except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
-                run.put("error", exc)
-                continue
-            started.append(run)
-        if not streams:
+        answered: set[int] = set()
+
+        def take(count: int) -> list[Stream]:
+            with self._waiting_lock:
+                runs, self._waiting = self._waiting[:count], self._waiting[count:]
+            made = []
+            for run in runs:
+                if run.cancelled.is_set():  # its client left while it waited for its turn
+                    run.put("done", None)
+                    continue
+                try:
+                    made.append(run.make())
+                except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
+                    run.put("error", exc)
+                    continue
+                started.append(run)
+            streams.extend(made)
+            return made
+
+        def answer_finished() -> None:
+            for index, stream in enumerate(streams):
+                if index not in answered and stream.finished:
+                    answered.add(index)
+                    self._record(stream.result)
+                    started[index].put("done", stream.result)
+
+        if not take(self.parallel):
             return
         failure: Exception = EdgeGemmaError("the generation did not finish")
         try:
-            for index, piece in self.engine.run_together(streams):
+            together = self.engine.run_together(streams)
+            for index, piece in together:
                 run = started[index]
                 if run.pieces:
                     run.put("piece", piece)
                 if run.cancelled.is_set():
                     streams[index].close()
+                # A request that finished is answered now, not when the batch ends; requests
+                # that arrived meanwhile come in while there is room (they join the running
+                # batch where the backend can grow one).
+                answer_finished()
+                free = self.parallel - (len(streams) - len(answered))
+                if free > 0 and self._waiting:
+                    for stream in take(free):
+                        together.add(stream)
         except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
             failure = exc
-        for run, stream in zip(started, streams):
-            try:
-                result = stream.result
-            except EdgeGemmaError:  # the failure ended it, or its group never started
+        answer_finished()
+        for index, run in enumerate(started):
+            if index not in answered:  # the failure ended it, or it never started
                 run.put("error", failure)
-                continue
-            self._record(result)
-            run.put("done", result)
 
     def _record(self, result: Result) -> None:
         self.generations[result.finish_reason] += 1  # only the worker thread writes

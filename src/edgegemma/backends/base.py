@@ -21,7 +21,8 @@ evaluate lazily on the following call, LiteRT-LM inside its own decode loop).
 A backend whose features say ``batch`` also runs several sequences together: it scores
 prompts with :meth:`Backend.score_many`, and :meth:`Backend.batch` gives one
 :class:`BatchedSequence` per prompt, each driven like the backend itself (``start``, then
-``next_token``) while the backend evaluates all their pending tokens in one pass.
+``next_token``) while the backend evaluates all their pending tokens in one pass; one whose
+features say ``batch_join`` takes more sequences into a running batch (:meth:`Backend.join`).
 
 What a backend supports beyond that is declared on its class as :class:`Features` and
 checked once by the engine, before a call touches the KV cache; a backend never rejects a
@@ -89,6 +90,8 @@ class Features:
     batch_min: int = 2
     """The fewest sequences worth evaluating together; fewer run one by one (measured per
     runtime: below this a batch is no faster)."""
+    batch_join: bool = False
+    """:meth:`Backend.join` works: a running batch takes another sequence between two passes."""
     batch_same_length: bool = False
     """The sequences of one batch need prompts of the same length (the runtime cannot pad)."""
     logits: bool = False
@@ -212,6 +215,13 @@ class Backend(ABC):
         tokens each sequence generates fit ``n_ctx`` together. Only called when
         ``features.batch`` is true."""
         raise NotImplementedError(f"{self.name} cannot run several sequences together")
+
+    def join(self, prompt: Sequence[int], *, max_tokens: int) -> BatchedSequence:
+        """Add a sequence for ``prompt`` to the batch :meth:`batch` made last, between two of
+        its passes (every sequence has taken its token of the last pass, or finished: even
+        all of them); it is evaluated from the next pass on. The engine keeps the batch within ``features.batch`` sequences
+        and ``n_ctx`` cells. Only called when ``features.batch_join`` is true."""
+        raise NotImplementedError(f"{self.name} cannot add a sequence to a running batch")
 
     def shift(self, keep: int, discard: int) -> None:
         """Drop ``discard`` cached tokens after the first ``keep`` and close the gap.

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -107,6 +107,9 @@ class _NativeLog:
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[str]]:
         with self._lock:
+            # Again each time: importing llama-cpp-python's high-level API later in the process
+            # installs its own logger (llama_cpp/_logger.py), which would take these lines.
+            ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
             lines: list[str] = []
             self._capture = lines
             try:
@@ -153,6 +156,7 @@ class LlamaCppBackend(Backend):
         # weights once per row anyway (measured, 64 tokens each: 2 together 0.93x the
         # throughput of one by one, 4 1.29x, 8 2.1x).
         batch_min=4,
+        batch_join=True,
         logits=True,
         adjustable_threads=True,
     )
@@ -175,6 +179,7 @@ class LlamaCppBackend(Backend):
         self._greedy = True  # argmax in numpy: ~0.03 ms a token against ~0.3 ms in a sampler
         self._logit_views: dict[int, np.ndarray] = {}
         self._batch = ll.llama_batch_init(_N_BATCH, 0, _MAX_SEQUENCES)
+        self._running: _Batch | None = None  # the sequences of the last batch()
         self._piece_cache: dict[int, bytes] = {}
         n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         eog = frozenset(t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
@@ -515,8 +520,12 @@ class LlamaCppBackend(Backend):
     ) -> list[BatchedSequence]:
         self._apply_adapters(adapters)
         self._clear()
-        run = _Batch(self, prompts, sampling)
-        return [BatchRow(run, i) for i in range(len(prompts))]
+        run = self._running = _Batch(self, sampling)
+        return [BatchRow(run, run.add(prompt)) for prompt in prompts]
+
+    def join(self, prompt: Sequence[int], *, max_tokens: int) -> BatchedSequence:
+        assert self._running is not None, "join() after batch()"
+        return BatchRow(self._running, self._running.add(prompt))
 
     def _clear(self) -> None:
         """Forget every sequence in the KV cache."""
@@ -616,27 +625,45 @@ class LlamaCppBackend(Backend):
 
 
 class _Batch:
-    """Sequences of one :meth:`LlamaCppBackend.batch`. Each sequence's pending tokens (its
-    prompt, then each token it samples) are evaluated when it next wants a token, together
-    with every other sequence's: the engine drives them in lockstep, one token each per
-    round, so one decode serves a whole round."""
+    """Sequences of one :meth:`LlamaCppBackend.batch`, and those that join it. Each
+    sequence's pending tokens (its prompt, then each token it samples) are evaluated when it
+    next wants a token, together with every other sequence's: the engine drives them in
+    lockstep, one token each per round, so one decode serves a whole round. A sequence that
+    joins between two rounds has its prompt evaluated in the next round's decode."""
 
-    def __init__(
-        self, backend: LlamaCppBackend, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-    ):
+    def __init__(self, backend: LlamaCppBackend, sampling: SamplingParams):
         self.backend = backend
-        self.pending: dict[int, list[int]] = {i: list(p) for i, p in enumerate(prompts)}
-        self.positions = [0] * len(prompts)
+        self.sampling = sampling
+        self.pending: dict[int, list[int]] = {}
+        """Live sequence id -> its tokens not evaluated yet."""
+        self.positions: dict[int, int] = {}
         self.rows: dict[int, int] = {}
         """Sequence -> its logits' index in the last decode, until it samples from them."""
         self.chosen_from: dict[int, np.ndarray] = {}
         """Sequence -> the logits its last token was chosen from (valid until the next decode)."""
         self.greedy = sampling.greedy and sampling.repeat_penalty == 1.0
-        self.samplers = (
-            [] if self.greedy else [backend._sampler_chain(sampling, prompt) for prompt in prompts]
-        )
-        size = max(sum(len(p) for p in prompts), len(prompts))
-        self.llama_batch = ll.llama_batch_init(size, 0, 1)
+        self.samplers: dict[int, ll.llama_sampler_p] = {}
+        self.capacity = 0
+        # An ll.llama_batch, typed as llama_batch_init() returns it: the class's stub types
+        # pos as an array of arrays.
+        self.llama_batch: Any = None
+
+    def add(self, prompt: Sequence[int]) -> int:
+        """A new sequence for ``prompt``, evaluated in the next decode; returns its id (the
+        lowest free one: llama.cpp's context holds ``_MAX_SEQUENCES``). Also after every
+        sequence has finished: the engine may still be sending a stream's last text."""
+        seq = min(set(range(_MAX_SEQUENCES)) - self.pending.keys())
+        self.pending[seq] = list(prompt)
+        self.positions[seq] = 0
+        if not self.greedy:
+            self.samplers[seq] = self.backend._sampler_chain(self.sampling, prompt)
+        needed = sum(len(tokens) for tokens in self.pending.values())
+        if needed > self.capacity:
+            if self.llama_batch is not None:
+                ll.llama_batch_free(self.llama_batch)
+            self.capacity = max(needed, 2 * self.capacity)
+            self.llama_batch = ll.llama_batch_init(self.capacity, 0, 1)
+        return seq
 
     def sample(self, seq: int, mask: TokenMask | None) -> int:
         """``seq``'s next token, from its newest logits (evaluating the round first)."""
@@ -659,20 +686,25 @@ class _Batch:
         return token
 
     def finish(self, seq: int) -> None:
-        self.pending.pop(seq, None)
+        if self.pending.pop(seq, None) is None:
+            return  # finished already
         self.rows.pop(seq, None)
         self.chosen_from.pop(seq, None)
+        chain = self.samplers.pop(seq, None)
+        if chain is not None:
+            ll.llama_sampler_free(chain)
         ll.llama_memory_seq_rm(self.backend._memory, seq, -1, -1)
         if not self.pending:
             self.close()
 
     def close(self) -> None:
-        for chain in self.samplers:
+        for chain in self.samplers.values():
             ll.llama_sampler_free(chain)
-        self.samplers = []
+        self.samplers = {}
         if self.llama_batch is not None:
             ll.llama_batch_free(self.llama_batch)
             self.llama_batch = None
+            self.capacity = 0  # a sequence that joins later gets a new one
 
     def _evaluate(self) -> None:
         if self.rows:

@@ -63,6 +63,7 @@ class ScriptedBackend(Backend):
         score=True,
         batch=8,
         batch_min=4,
+        batch_join=True,
         adjustable_threads=True,
     )
 
@@ -87,6 +88,8 @@ class ScriptedBackend(Backend):
         self.loaded: dict[int, Path] = {}
         self._ids = iter(range(1, 1 << 62))
         self._pending: list[int] = []
+        self._steps: dict[int, int] = {}  # the running batch: rounds each live sequence is at
+        self._batch_adapters: dict[str, float] = {}
         self.closed = False
         self.info = ModelInfo(
             architecture="scripted",
@@ -206,11 +209,23 @@ class ScriptedBackend(Backend):
             Call("batch", {"prompts": [list(p) for p in prompts], "max_tokens": max_tokens})
         )
         self.cache = []
-        steps: dict[int, int] = {}
-        return [
-            _ScriptedSequence(self._answer(prompt, adapter_set), steps, i, max_tokens)
-            for i, prompt in enumerate(prompts)
-        ]
+        self._steps = {}
+        self._batch_adapters = adapter_set
+        return [self._sequence(prompt, max_tokens) for prompt in prompts]
+
+    def join(self, prompt: Sequence[int], *, max_tokens: int) -> BatchedSequence:
+        """A sequence added to the running batch; it fails the test if the engine adds it
+        in the middle of a round or beyond the batch size."""
+        if len(set(self._steps.values())) > 1:
+            raise AssertionError("the engine added a sequence in the middle of a round")
+        if len(self._steps) >= self.features.batch:
+            raise AssertionError(f"a sequence joined a batch of {len(self._steps)}")
+        self.calls.append(Call("join", {"prompt": list(prompt), "max_tokens": max_tokens}))
+        return self._sequence(prompt, max_tokens)
+
+    def _sequence(self, prompt: Sequence[int], max_tokens: int) -> _ScriptedSequence:
+        answer = self._answer(prompt, self._batch_adapters)
+        return _ScriptedSequence(answer, self._steps, next(self._ids), max_tokens)
 
     def _check_lengths(self, prompts: Sequence[Sequence[int]]) -> None:
         if self.features.batch_same_length and len({len(p) for p in prompts}) > 1:
@@ -237,10 +252,11 @@ class ScriptedBackend(Backend):
 class _ScriptedSequence(BatchedSequence):
     def __init__(self, answer: list[int], steps: dict[int, int], index: int, max_tokens: int):
         self._answer = answer
-        self._steps = steps  # tokens taken so far by each unfinished sequence of the batch
+        self._steps = steps  # the round each unfinished sequence of the batch is at
         self._index = index
         self._max_tokens = max_tokens
-        steps[index] = 0
+        self._taken = 0
+        steps[index] = min(steps.values(), default=0)
 
     def start(
         self,
@@ -255,8 +271,9 @@ class _ScriptedSequence(BatchedSequence):
     def next_token(self, mask: TokenMask | None = None) -> int:
         if self._steps[self._index] > min(self._steps.values()):
             raise AssertionError("the engine drove a batched sequence a token ahead of another")
-        if self._steps[self._index] >= self._max_tokens:
+        if self._taken >= self._max_tokens:
             raise AssertionError("the engine drove a batched sequence past max_tokens")
+        self._taken += 1
         self._steps[self._index] += 1
         return self._answer.pop(0) if self._answer else EOS
 
