@@ -7,7 +7,7 @@ loaded as ``sensor``; the ``adapters`` field (``{"sensor": 0.5}``) is an extensi
 and sets of adapters.
 
 All requests share one engine, and one worker thread runs their generations in arrival order
-(with ``--parallel N``, up to N waiting requests together, as one batch where the backend
+(with ``--parallel N``, up to N requests at a time, continuously batched where the backend
 has batches): a request never sees another's adapters or KV cache, and the event loop is
 never blocked by the model. A client that disconnects cancels its generation at the next
 token.
@@ -585,7 +585,7 @@ def create_app(
     parallel: int = 1,
 ) -> FastAPI:
     """The ASGI application serving ``engine`` under the model name ``model``; up to
-    ``parallel`` waiting requests run together."""
+    ``parallel`` requests run together."""
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise InvalidParameterError(f"parallel must be a positive integer, got {parallel!r}")
     server = Server(engine, model, api_key, parallel)
@@ -876,7 +876,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run up to N waiting requests together (default: %(default)s, one at a time)",
+        help="run up to N requests together (default: %(default)s, one at a time)",
     )
     parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
