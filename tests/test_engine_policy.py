@@ -366,6 +366,25 @@ def test_a_stream_added_while_a_batch_runs_joins_it():
         engine.run_together([streams[0], streams[0]])
 
 
+@pytest.mark.parametrize("kind", [{}, {"temperature": 0.5, "seed": 1}])
+def test_a_stream_closed_before_its_turn_never_starts(kind):
+    # Closed before its turn (a server's client that left while its request waited): the
+    # stream neither joins the running batch (its kind) nor starts a batch after it.
+    backend = ScriptedBackend(lambda prompt, adapters: f"<{prompt}>")
+    engine = Engine(backend, model_path=Path("scripted"))
+    first = [engine.stream(p, max_tokens=8) for p in "abcd"]
+    together = engine.run_together(first)
+    assert next(together) == (0, "<")
+    waiting = [engine.stream(p, max_tokens=8, **kind) for p in "wxyz"]
+    for stream in waiting:
+        together.add(stream)
+        stream.close()
+    assert "".join(piece for _, piece in together) == "<<<abcd>>>>"
+    assert [s.result.text for s in first] == ["<a>", "<b>", "<c>", "<d>"]
+    assert not any(s.finished for s in waiting)
+    assert [c.method for c in backend.calls] == ["batch"]
+
+
 @pytest.mark.parametrize("policy", ["exact", "always"])
 def test_exact_reuses_the_prompt_and_not_the_answer(policy):
     # Generated tokens were decoded one at a time: "exact" never reuses their KV (a fresh

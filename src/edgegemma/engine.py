@@ -827,8 +827,9 @@ class Engine:
 
         Streams with the same adapter set and sampling settings run together; the others
         one group after another, the group of the stream waiting longest first. Closing a
-        stream between two pieces cancels it, the others go on; closing the iterator cancels
-        the streams running then (the streams not yet started are left without a result).
+        stream between two pieces cancels it, the others go on (one not started yet never
+        starts and has no result); closing the iterator cancels the streams running then (the
+        streams not yet started are left without a result).
         The engine is held until the iterator is exhausted or closed.
         """
         return Together(self, streams)
@@ -837,7 +838,7 @@ class Engine:
         """The pieces of ``together``'s streams; runs while ``together`` holds the engine."""
         streams = together._streams  # grows while it runs (Together.add)
         try:
-            while together._waiting:
+            while together._still_waiting():
                 group = self._next_group(together)
                 for index, piece in self._generate_together(together, group):
                     if piece:
@@ -927,7 +928,7 @@ class Engine:
         the order they came, while it has rows free."""
         fitted = together._fitted
         cells = sum(len(fitted[i][0]) + fitted[i][2] for i in running)
-        for index in list(together._waiting):
+        for index in together._still_waiting():
             if len(running) >= self._backend.features.batch:
                 break
             tokens, _, limit, _ = fitted[index]
@@ -1617,6 +1618,12 @@ class Together(Iterator[tuple[int, str]]):
         self._fitted.append(engine._fit_context(stream._request, engine.n_ctx))
         self._streams.append(stream)
         self._waiting.append(len(self._streams) - 1)
+
+    def _still_waiting(self) -> list[int]:
+        """The streams not started yet, less those closed meanwhile: they never start (and
+        have no result), since closing them gave their adapters back."""
+        self._waiting = [i for i in self._waiting if not self._streams[i]._request.released]
+        return list(self._waiting)
 
     def __next__(self) -> tuple[int, str]:
         # It holds the engine as a stream does: between two pieces its thread may still read

@@ -378,8 +378,12 @@ class Server:
                 run = started[index]
                 if run.pieces:
                     run.put("piece", piece)
-                if run.cancelled.is_set():
-                    streams[index].close()
+                for waiting, run in enumerate(started):
+                    if waiting not in answered and run.cancelled.is_set():
+                        streams[waiting].close()  # a running one ends at its next token
+                        if not streams[waiting].finished:  # it had not started: it never will
+                            answered.add(waiting)
+                            run.put("done", None)
                 # A request that finished is answered now, not when the batch ends; requests
                 # that arrived meanwhile come in while there is room (they join the running
                 # batch where the backend can grow one).
