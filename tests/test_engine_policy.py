@@ -206,6 +206,7 @@ def test_generate_many_is_one_generate_each(prompts, stop, max_tokens, n_ctx, ki
     batches = [c.args["prompts"] for c in backend.calls if c.method == "batch"]
     assert sum(len(b) for b in batches) <= len(prompts)
     fewest = kind.features.batch_min
+    assert all(len(b) >= fewest for b in batches), "fewer than batch_min ran one by one"
     if kind.features.batch_same_length:  # prompts are at most 30 bytes: nothing is truncated
         lengths = Counter(len(p.encode()) for p in prompts)
         enough = any(n >= fewest for n in lengths.values())
@@ -364,6 +365,25 @@ def test_a_stream_added_while_a_batch_runs_joins_it():
         engine.run_together([late])
     with pytest.raises(InvalidParameterError, match="not been iterated"):
         engine.run_together([streams[0], streams[0]])
+
+
+def test_with_batch_min_1_a_lone_stream_is_a_batch_others_join():
+    backend = ScriptedBackend(lambda prompt, adapters: f"<{prompt}> " * 4)
+    engine = Engine(backend, model_path=Path("scripted"))
+    alone = engine.stream("a", max_tokens=16)
+    together = engine.run_together([alone], batch_min=1)
+    assert next(together) == (0, "<")
+    late = engine.stream("b", max_tokens=16)
+    together.add(late)
+    list(together)
+    assert [c.method for c in backend.calls if c.method in ("start", "batch", "join")] == [
+        "batch",
+        "join",
+    ]
+    assert (alone.result.text, late.result.text) == ("<a> " * 4, "<b> " * 4)
+    assert (alone.result.stats.batch_size, late.result.stats.batch_size) == (1, 2)
+    with pytest.raises(InvalidParameterError, match="batch_min"):
+        engine.run_together([], batch_min=0)
 
 
 @pytest.mark.parametrize("kind", [{}, {"temperature": 0.5, "seed": 1}])

@@ -818,7 +818,7 @@ class Engine:
             pass
         return [stream.result for stream in streams]
 
-    def run_together(self, streams: Sequence[Stream]) -> Together:
+    def run_together(self, streams: Sequence[Stream], *, batch_min: int | None = None) -> Together:
         """Run streams made by :meth:`stream` or :meth:`stream_chat` (not yet iterated) as
         :meth:`generate_many` runs its prompts; iterate the returned :class:`Together` for
         ``(index, text)`` as the stream at ``index`` produces text. Afterwards each stream's
@@ -831,8 +831,17 @@ class Engine:
         starts and has no result); closing the iterator cancels the streams running then (the
         streams not yet started are left without a result).
         The engine is held until the iterator is exhausted or closed.
+
+        ``batch_min`` is the fewest streams of a kind that run as a batch; fewer run one by
+        one. By default the backend's ``features.batch_min``, below which it measured a batch
+        no faster; a caller that will :meth:`Together.add` streams (a server) may pass 1, so
+        that a stream running alone is a batch that later ones can join.
         """
-        return Together(self, streams)
+        if batch_min is not None and (
+            isinstance(batch_min, bool) or not isinstance(batch_min, int) or batch_min < 1
+        ):
+            raise InvalidParameterError(f"batch_min must be a positive integer, got {batch_min!r}")
+        return Together(self, streams, batch_min or self._backend.features.batch_min)
 
     def _run_together(self, together: Together) -> Generator[tuple[int, str], None, None]:
         """The pieces of ``together``'s streams; runs while ``together`` holds the engine."""
@@ -885,7 +894,7 @@ class Engine:
         streams of the same kind join the batch where the backend can grow one."""
         streams = together._streams
         backend = self._backend
-        if len(group) < backend.features.batch_min:
+        if not backend.features.batch or len(group) < together._batch_min:
             for index in group:
                 for piece in streams[index]._pieces:
                     yield index, piece
@@ -1571,8 +1580,9 @@ class Together(Iterator[tuple[int, str]]):
     text)``, where ``index`` is the stream's position in the order the streams were given
     and added."""
 
-    def __init__(self, engine: Engine, streams: Sequence[Stream]):
+    def __init__(self, engine: Engine, streams: Sequence[Stream], batch_min: int):
         self._engine = engine
+        self._batch_min = batch_min
         self._streams: list[Stream] = []
         self._fitted: list[tuple[list[int], int, int, str]] = []
         self._waiting: list[int] = []

@@ -319,7 +319,8 @@ class Server:
     together (:meth:`Engine.run_together`): those with the same adapter set and sampling
     settings as one batch of the backend where it has batches, the others after. Each is
     answered as soon as it finishes, and a request that arrives while others run takes a
-    free place at once (:meth:`Together.add`: on llama.cpp it joins the running batch)."""
+    free place at once (:meth:`Together.add`: on llama.cpp it joins the running batch; with
+    ``parallel`` above 1 a request running alone is a batch of one for that)."""
 
     def __init__(self, engine: Engine, model: str, api_key: str | None, parallel: int = 1):
         self.engine = engine
@@ -373,7 +374,9 @@ class Server:
             return
         failure: Exception = EdgeGemmaError("the generation did not finish")
         try:
-            together = self.engine.run_together(streams)
+            # A request running alone is a batch too where later ones can join it.
+            joinable = self.parallel > 1 and self.engine.features.batch_join
+            together = self.engine.run_together(streams, batch_min=1 if joinable else None)
             for index, piece in together:
                 run = started[index]
                 if run.pieces:

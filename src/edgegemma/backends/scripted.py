@@ -202,7 +202,7 @@ class ScriptedBackend(Backend):
         drives one a token ahead of another (a real batch evaluates them in one pass) or
         past ``max_tokens``."""
         self._check_lengths(prompts)
-        if len(prompts) < self.features.batch_min or len(prompts) > self.features.batch:
+        if not prompts or len(prompts) > self.features.batch:
             raise AssertionError(f"a batch of {len(prompts)} sequences")
         adapter_set = {self.loaded[h].name: scale for h, scale in adapters}
         self.calls.append(
