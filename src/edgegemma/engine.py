@@ -228,12 +228,58 @@ class _Request:
     released: bool = False
 
 
-class Stream(Iterator[str]):
+class _Holder:
+    """What holds the engine while a thread iterates it (a :class:`Stream`, a
+    :class:`Together`): it takes the engine's lock on its first step and keeps it between
+    steps, so that its own thread may still read the model there and another thread's
+    ``close()`` ends it; it gives the lock back when it ends or is closed."""
+
+    _engine: Engine
+    _holding_lock: bool = False
+    thread: int | None = None
+    """The thread iterating it now, or the last one that did: it, not the thread that made
+    it, owns the engine while it runs."""
+    running: bool = False
+    """Whether a thread is inside ``next()`` (else it is paused between two steps)."""
+
+    def _step(self, done: bool, step: Callable[[], _T]) -> _T:
+        """``step()`` with the engine held (taken now unless held already or ``done``)."""
+        self.thread = threading.get_ident()
+        if not self._holding_lock and not done:
+            self._engine._acquire(self)
+            self._holding_lock = True
+        self.running = True
+        try:
+            return step()
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            self.running = False
+
+    _pieces: Generator[Any, None, None]
+
+    def close(self) -> None:
+        """End it early (what is running is cancelled) and give the engine back."""
+        try:
+            self._pieces.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._holding_lock:
+            self._holding_lock = False
+            self._engine._release()
+        self._engine._free_doomed_if_idle()
+
+
+class Stream(_Holder, Iterator[str]):
     """Text pieces of one generation as they are produced.
 
     Iterate it; afterwards :attr:`result` holds the :class:`Result`. Breaking out of the loop
-    and calling :meth:`close` (or leaving a ``with`` block) cancels the generation; the
-    engine stays consistent for the next call.
+    and calling :meth:`close` (or leaving a ``with`` block) cancels the generation (its
+    result's finish_reason is then ``"cancelled"``); the engine stays consistent for the next
+    call.
     """
 
     def __init__(self, engine: Engine, request: _Request):
@@ -243,32 +289,18 @@ class Stream(Iterator[str]):
         self._outcome: list[Result] = []
         self._request = request
         self._pieces: Generator[str, None, None] = engine._generate(request, self._outcome)
-        self._holding_lock = False
-        self.thread: int | None = None
-        """The thread iterating the stream now, or the last one that did: the stream, not the
-        thread that made it, owns the engine while it runs."""
-        self.running = False
-        """Whether a thread is inside ``next()`` (else the stream is paused between pieces)."""
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
-        self.thread = threading.get_ident()
-        if not self._holding_lock and not self._outcome:
-            self._engine._acquire(self)
-            self._holding_lock = True
-        self.running = True
-        try:
+        return self._step(bool(self._outcome), self._next_piece)
+
+    def _next_piece(self) -> str:
+        piece = next(self._pieces)
+        while not piece:  # a token that completed no text (part of a character, or held back)
             piece = next(self._pieces)
-            while not piece:  # a token that completed no text (part of a character, or held back)
-                piece = next(self._pieces)
-            return piece
-        except BaseException:
-            self._release()
-            raise
-        finally:
-            self.running = False
+        return piece
 
     @property
     def finished(self) -> bool:
@@ -281,19 +313,9 @@ class Stream(Iterator[str]):
             raise EdgeGemmaError("the stream has not finished; iterate it to the end first")
         return self._outcome[0]
 
-    def close(self) -> None:
-        """Stop the generation early; :attr:`result` then has finish_reason ``"cancelled"``."""
-        try:
-            self._pieces.close()
-        finally:
-            self._release()
-
     def _release(self) -> None:
         self._engine._unbind(self._request)  # a stream never started still held its adapters
-        if self._holding_lock:
-            self._holding_lock = False
-            self._engine._release()
-        self._engine._free_doomed_if_idle()
+        super()._release()
 
     def __enter__(self) -> Self:
         return self
@@ -354,7 +376,7 @@ class Engine:
         """Held by every generation and every change of the backend: one at a time."""
         self._state = threading.Lock()
         """Guards the adapter registry, the holder and a pending close (short sections only)."""
-        self._holder: weakref.ReferenceType[Stream | Together] | None = None
+        self._holder: weakref.ReferenceType[_Holder] | None = None
         self._doomed: list[_LoadedAdapter] = []
         """Unloaded adapters whose last call has ended: freed by the next holder of the lock."""
         self._close_pending = False
@@ -1532,7 +1554,7 @@ class Engine:
         if self._closed:
             raise EngineClosedError("the engine is closed")
 
-    def _acquire(self, stream: Stream | Together) -> None:
+    def _acquire(self, holder: _Holder) -> None:
         if self._holder_thread() == threading.get_ident():
             raise EngineBusyError(
                 "another stream of this engine is open and this thread is iterating it; "
@@ -1543,7 +1565,7 @@ class Engine:
             self._lock.release()
             raise EngineClosedError("the engine is closed")
         with self._state:
-            self._holder = weakref.ref(stream)
+            self._holder = weakref.ref(holder)
 
     def _release(self) -> None:
         with self._state:
@@ -1575,10 +1597,11 @@ class Engine:
         return _Exclusive(self)
 
 
-class Together(Iterator[tuple[int, str]]):
+class Together(_Holder, Iterator[tuple[int, str]]):
     """Streams running together (:meth:`Engine.run_together`): an iterator of ``(index,
     text)``, where ``index`` is the stream's position in the order the streams were given
-    and added."""
+    and added. :meth:`close` cancels the streams running; those not started are left without
+    a result."""
 
     def __init__(self, engine: Engine, streams: Sequence[Stream], batch_min: int):
         self._engine = engine
@@ -1596,11 +1619,6 @@ class Together(Iterator[tuple[int, str]]):
                 stream.close()  # unbinds their adapters
             raise
         self._pieces: Generator[tuple[int, str], None, None] = engine._run_together(self)
-        self._holding_lock = False
-        self.thread: int | None = None
-        """The thread iterating it now, or the last one that did (as :attr:`Stream.thread`)."""
-        self.running = False
-        """Whether a thread is inside ``next()``."""
 
     def add(self, stream: Stream) -> int:
         """Run ``stream`` (made by :meth:`Engine.stream` or :meth:`Engine.stream_chat`, not
@@ -1636,36 +1654,11 @@ class Together(Iterator[tuple[int, str]]):
         return list(self._waiting)
 
     def __next__(self) -> tuple[int, str]:
-        # It holds the engine as a stream does: between two pieces its thread may still read
-        # the model (tokenize a new stream's prompt) and another thread's close() ends it.
-        self.thread = threading.get_ident()
-        if not self._holding_lock and not self._over:
-            self._engine._acquire(self)
-            self._holding_lock = True
-        self.running = True
-        try:
-            return next(self._pieces)
-        except BaseException:
-            self._release()
-            raise
-        finally:
-            self.running = False
-
-    def close(self) -> None:
-        """Cancel the streams running; those not started are left without a result."""
-        try:
-            self._pieces.close()
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        if self._holding_lock:
-            self._holding_lock = False
-            self._engine._release()
-        self._engine._free_doomed_if_idle()
+        # Between two pieces its thread may read the model: tokenize a new stream's prompt.
+        return self._step(self._over, self._pieces.__next__)
 
     def __del__(self) -> None:
-        if getattr(self, "_holding_lock", False):
+        if self._holding_lock:
             self.close()
 
 
