@@ -867,7 +867,6 @@ class Engine:
 
     def _run_together(self, together: Together) -> Generator[tuple[int, str], None, None]:
         """The pieces of ``together``'s streams; runs while ``together`` holds the engine."""
-        streams = together._streams  # grows while it runs (Together.add)
         try:
             while together._still_waiting():
                 group = self._next_group(together)
@@ -876,7 +875,7 @@ class Engine:
                         yield index, piece
         finally:
             together._over = True
-            for stream in streams:
+            for stream in list(together._streams.values()):
                 stream.close()  # unbinds its adapters; a stream not yet finished is cancelled
             self._free_doomed()
 
@@ -920,6 +919,7 @@ class Engine:
             for index in group:
                 for piece in streams[index]._pieces:
                     yield index, piece
+                together._forget(index)
             return
         request = streams[group[0]]._request
         kind = _kind(request)
@@ -946,6 +946,7 @@ class Engine:
                     except StopIteration:  # finished, or its stream was closed
                         sequence.finish()
                         del running[index]
+                        together._forget(index)
                         continue
                     yield index, piece
         finally:
@@ -1606,8 +1607,11 @@ class Together(_Holder, Iterator[tuple[int, str]]):
     def __init__(self, engine: Engine, streams: Sequence[Stream], batch_min: int):
         self._engine = engine
         self._batch_min = batch_min
-        self._streams: list[Stream] = []
-        self._fitted: list[tuple[list[int], int, int, str]] = []
+        # Index -> each stream not finished yet, and how it fits the context: a long-running
+        # run (a server's) keeps only what is waiting or running.
+        self._streams: dict[int, Stream] = {}
+        self._fitted: dict[int, tuple[list[int], int, int, str]] = {}
+        self._added = 0
         self._waiting: list[int] = []
         """Indices of the streams not started yet, in the order they came."""
         self._over = False
@@ -1615,7 +1619,7 @@ class Together(_Holder, Iterator[tuple[int, str]]):
             for stream in streams:
                 self._admit(stream)
         except BaseException:
-            for stream in self._streams:
+            for stream in self._streams.values():
                 stream.close()  # unbinds their adapters
             raise
         self._pieces: Generator[tuple[int, str], None, None] = engine._run_together(self)
@@ -1628,30 +1632,39 @@ class Together(_Holder, Iterator[tuple[int, str]]):
         its context cells are free; otherwise it waits for the streams before it."""
         if self._over:
             raise InvalidParameterError("these streams have finished; start a new run_together")
-        self._admit(stream)
-        return len(self._streams) - 1
+        return self._admit(stream)
 
-    def _admit(self, stream: Stream) -> None:
+    def _admit(self, stream: Stream) -> int:
         engine = self._engine
         if (
             not isinstance(stream, Stream)
             or stream._engine is not engine
             or stream._outcome
             or stream._holding_lock
-            or any(stream is other for other in self._streams)
+            or any(stream is other for other in self._streams.values())
         ):
             raise InvalidParameterError(
                 "run_together takes streams of this engine that have not been iterated"
             )
-        self._fitted.append(engine._fit_context(stream._request, engine.n_ctx))
-        self._streams.append(stream)
-        self._waiting.append(len(self._streams) - 1)
+        index = self._added
+        self._fitted[index] = engine._fit_context(stream._request, engine.n_ctx)
+        self._streams[index] = stream
+        self._waiting.append(index)
+        self._added += 1
+        return index
 
     def _still_waiting(self) -> list[int]:
         """The streams not started yet, less those closed meanwhile: they never start (and
         have no result), since closing them gave their adapters back."""
-        self._waiting = [i for i in self._waiting if not self._streams[i]._request.released]
+        for index in self._waiting:
+            if self._streams[index]._request.released:
+                self._forget(index)
+        self._waiting = [i for i in self._waiting if i in self._streams]
         return list(self._waiting)
+
+    def _forget(self, index: int) -> None:
+        """The stream at ``index`` has finished (its adapters are given back) or never will."""
+        del self._streams[index], self._fitted[index]
 
     def __next__(self) -> tuple[int, str]:
         # Between two pieces its thread may read the model: tokenize a new stream's prompt.

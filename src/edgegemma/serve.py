@@ -342,11 +342,11 @@ class Server:
         self.executor.submit(self._turn)
 
     def _turn(self) -> None:
-        streams: list[Stream] = []
-        started: list[_Run] = []
-        answered: set[int] = set()
+        # Index in the run -> a request not answered yet and its stream: under steady load the
+        # run goes on, so it holds only those.
+        live: dict[int, tuple[_Run, Stream]] = {}
 
-        def take(count: int) -> list[Stream]:
+        def take(count: int) -> list[tuple[_Run, Stream]]:
             with self._waiting_lock:
                 runs, self._waiting = self._waiting[:count], self._waiting[count:]
             made = []
@@ -355,52 +355,52 @@ class Server:
                     run.put("done", None)
                     continue
                 try:
-                    made.append(run.make())
+                    made.append((run, run.make()))
                 except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
                     run.put("error", exc)
-                    continue
-                started.append(run)
-            streams.extend(made)
             return made
 
         def answer_finished() -> None:
-            for index, stream in enumerate(streams):
-                if index not in answered and stream.finished:
-                    answered.add(index)
+            for index, (run, stream) in list(live.items()):
+                if stream.finished:
+                    del live[index]
                     self._record(stream.result)
-                    started[index].put("done", stream.result)
+                    run.put("done", stream.result)
 
-        if not take(self.parallel):
+        first = take(self.parallel)
+        if not first:
             return
+        live.update(enumerate(first))  # run_together numbers the streams it is given so
         failure: Exception = EdgeGemmaError("the generation did not finish")
         try:
             # A request running alone is a batch too where later ones can join it.
             joinable = self.parallel > 1 and self.engine.features.batch_join
-            together = self.engine.run_together(streams, batch_min=1 if joinable else None)
+            together = self.engine.run_together(
+                [stream for _, stream in first], batch_min=1 if joinable else None
+            )
             for index, piece in together:
-                run = started[index]
+                run = live[index][0]
                 if run.pieces:
                     run.put("piece", piece)
-                for waiting, run in enumerate(started):
-                    if waiting not in answered and run.cancelled.is_set():
-                        streams[waiting].close()  # a running one ends at its next token
-                        if not streams[waiting].finished:  # it had not started: it never will
-                            answered.add(waiting)
+                for waiting, (run, stream) in list(live.items()):
+                    if run.cancelled.is_set():
+                        stream.close()  # a running one ends at its next token
+                        if not stream.finished:  # it had not started: it never will
+                            del live[waiting]
                             run.put("done", None)
                 # A request that finished is answered now, not when the batch ends; requests
                 # that arrived meanwhile come in while there is room (they join the running
                 # batch where the backend can grow one).
                 answer_finished()
-                free = self.parallel - (len(streams) - len(answered))
+                free = self.parallel - len(live)
                 if free > 0 and self._waiting:
-                    for stream in take(free):
-                        together.add(stream)
+                    for run, stream in take(free):
+                        live[together.add(stream)] = (run, stream)
         except Exception as exc:  # noqa: BLE001 -- every failure must reach its request
             failure = exc
         answer_finished()
-        for index, run in enumerate(started):
-            if index not in answered:  # the failure ended it, or it never started
-                run.put("error", failure)
+        for run, _ in live.values():  # the failure ended it, or it never started
+            run.put("error", failure)
 
     def _record(self, result: Result) -> None:
         self.generations[result.finish_reason] += 1  # only the worker thread writes
