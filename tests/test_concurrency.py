@@ -133,6 +133,57 @@ def test_close_from_another_thread_ends_a_running_generation(gguf_path, backend)
         engine.generate(PROMPT)
 
 
+def _iterate_while_another_thread_closes(pieces, close) -> None:
+    """Iterate ``pieces`` in this thread while another thread calls ``close()`` mid-run."""
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def closer() -> None:
+        started.wait(timeout=30)
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 (a close that raises fails the test below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=closer)
+    thread.start()
+    for i, _ in enumerate(pieces):
+        if i == 1:
+            started.set()
+    started.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and errors == []
+
+
+def test_a_stream_closed_from_another_thread_stops_before_the_engine_runs_anything_else(engine):
+    """close() from another thread while a token is being computed waits for that token,
+    then cancels; the next call starts only afterwards (it used to start beside the running
+    generation, and llama.cpp aborted)."""
+    expected = engine.generate(PROMPT, max_tokens=12).token_ids
+    for _ in range(3):
+        stream = engine.stream(PROMPT, max_tokens=300)
+        _iterate_while_another_thread_closes(stream, stream.close)
+        assert stream.result.finish_reason == "cancelled"
+        assert stream.result.stats.completion_tokens < 300
+        assert engine.generate(PROMPT, max_tokens=12).token_ids == expected
+
+
+def test_run_together_closed_from_another_thread_stops_before_anything_else_runs(engine):
+    expected = engine.generate(PROMPT, max_tokens=12).token_ids
+    streams = [engine.stream(PROMPT, max_tokens=120) for _ in range(2)]
+    together = engine.run_together(streams)
+    _iterate_while_another_thread_closes(together, streams[0].close)
+    assert streams[0].result.finish_reason == "cancelled"
+    assert streams[1].result.finish_reason == "length", "the other stream runs on"
+    assert engine.generate(PROMPT, max_tokens=12).token_ids == expected
+    streams = [engine.stream(PROMPT, max_tokens=120) for _ in range(2)]
+    together = engine.run_together(streams)
+    _iterate_while_another_thread_closes(together, together.close)
+    assert streams[0].result.finish_reason == "cancelled"
+    assert not streams[1].finished or streams[1].result.finish_reason == "cancelled"
+    assert engine.generate(PROMPT, max_tokens=12).token_ids == expected
+
+
 def test_breaking_out_of_a_stream_or_closing_it_leaves_the_engine_consistent(engine):
     base = engine.generate(PROMPT, max_tokens=12).token_ids
     with_a = engine.generate(PROMPT, max_tokens=12, adapters={"a": 1.0}).token_ids

@@ -33,6 +33,7 @@ from .errors import (
     InvalidParameterError,
     ModelError,
     NumericalError,
+    UnsupportedArchitectureError,
 )
 from .sampling import SamplingParams
 
@@ -67,6 +68,7 @@ __all__ = [
     "Stream",
     "Together",
     "TokenLogprob",
+    "UnsupportedArchitectureError",
     "available_backends",
     "load",
 ]

@@ -53,6 +53,7 @@ from .errors import (
     InvalidParameterError,
     NumericalError,
 )
+from .families import FAMILIES, require
 from .memory import peak_rss_mb
 from .sampling import OPTIONAL_SAMPLING, SamplingParams, check_float32
 from .threads import ThreadPolicy, default_threads, usable_cores
@@ -232,9 +233,13 @@ class _Holder:
     """What holds the engine while a thread iterates it (a :class:`Stream`, a
     :class:`Together`): it takes the engine's lock on its first step and keeps it between
     steps, so that its own thread may still read the model there and another thread's
-    ``close()`` ends it; it gives the lock back when it ends or is closed."""
+    ``close()`` ends it; it gives the lock back when it ends or is closed.
 
-    _engine: Engine
+    Its steps and its closing take its mutex: a ``close()`` from another thread waits for
+    the step running there (one token) instead of tearing the generation down beneath it,
+    and the engine is given back only once that generation has stopped.
+    """
+
     _holding_lock: bool = False
     thread: int | None = None
     """The thread iterating it now, or the last one that did: it, not the thread that made
@@ -242,29 +247,44 @@ class _Holder:
     running: bool = False
     """Whether a thread is inside ``next()`` (else it is paused between two steps)."""
 
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._mutex = threading.RLock()
+        """Held while a step runs and while closing; a stream run by a :class:`Together`
+        shares the Together's, since the Together's thread drives it."""
+        self._closing = False
+        """Set by ``close()`` before it waits: the step running elsewhere ends at its next
+        token."""
+
     def _step(self, done: bool, step: Callable[[], _T]) -> _T:
         """``step()`` with the engine held (taken now unless held already or ``done``)."""
         self.thread = threading.get_ident()
-        if not self._holding_lock and not done:
+        take = not self._holding_lock and not done
+        if take:
             self._engine._acquire(self)
-            self._holding_lock = True
-        self.running = True
-        try:
-            return step()
-        except BaseException:
-            self._release()
-            raise
-        finally:
-            self.running = False
+        with self._mutex:
+            if take:
+                self._holding_lock = True
+            self.running = True
+            try:
+                return step()
+            except BaseException:
+                self._release()
+                raise
+            finally:
+                self.running = False
 
     _pieces: Generator[Any, None, None]
 
     def close(self) -> None:
-        """End it early (what is running is cancelled) and give the engine back."""
-        try:
-            self._pieces.close()
-        finally:
-            self._release()
+        """End it early (what is running is cancelled) and give the engine back. From
+        another thread it waits for the token being computed there."""
+        self._closing = True
+        with self._mutex:
+            try:
+                self._pieces.close()
+            finally:
+                self._release()
 
     def _release(self) -> None:
         if self._holding_lock:
@@ -283,7 +303,7 @@ class Stream(_Holder, Iterator[str]):
     """
 
     def __init__(self, engine: Engine, request: _Request):
-        self._engine = engine
+        super().__init__(engine)
         # The generator writes the Result here; holding no reference back to the Stream lets
         # an abandoned stream be freed (and its lock released) as soon as the loop drops it.
         self._outcome: list[Result] = []
@@ -299,6 +319,9 @@ class Stream(_Holder, Iterator[str]):
     def _next_piece(self) -> str:
         piece = next(self._pieces)
         while not piece:  # a token that completed no text (part of a character, or held back)
+            if self._closing:  # closed from another thread, which waits for this step
+                self._pieces.close()
+                raise StopIteration
             piece = next(self._pieces)
         return piece
 
@@ -1062,9 +1085,11 @@ class Engine:
     @property
     def chat_template(self) -> ChatTemplate:
         """The chat template :meth:`chat` renders messages with: the model file's own, else
-        Gemma 3's."""
+        Gemma 3's where the model's family chats in Gemma 3's turns (:mod:`.families`)."""
         if self._chat_template is None:
             own = self.info.chat_template
+            if own is None and self.info.architecture in FAMILIES:
+                require(self.info.architecture, "chat-template")
             self._chat_template = ChatTemplate(
                 own if own is not None else gemma_template(),
                 bos_token=GEMMA_BOS,
@@ -1605,7 +1630,7 @@ class Together(_Holder, Iterator[tuple[int, str]]):
     a result."""
 
     def __init__(self, engine: Engine, streams: Sequence[Stream], batch_min: int):
-        self._engine = engine
+        super().__init__(engine)
         self._batch_min = batch_min
         # Index -> each stream not finished yet, and how it fits the context: a long-running
         # run (a server's) keeps only what is waiting or running.
@@ -1648,6 +1673,7 @@ class Together(_Holder, Iterator[tuple[int, str]]):
             )
         index = self._added
         self._fitted[index] = engine._fit_context(stream._request, engine.n_ctx)
+        stream._mutex = self._mutex  # this run's thread drives it now
         self._streams[index] = stream
         self._waiting.append(index)
         self._added += 1

@@ -19,6 +19,16 @@ class ModelError(EdgeGemmaError):
     """A model file is missing, corrupt, or not one this backend can run."""
 
 
+class UnsupportedArchitectureError(ModelError):
+    """A model's architecture (Gemma family) cannot do what was asked on this backend or
+    format: :mod:`edgegemma.families` says why, before any work starts."""
+
+    def __init__(self, message: str, *, architecture: str, capability: str | None):
+        super().__init__(message)
+        self.architecture = architecture
+        self.capability = capability
+
+
 class IntegrityError(ModelError):
     """A downloaded or cached file does not have the size or sha256 that models.lock pins."""
 

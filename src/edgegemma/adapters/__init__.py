@@ -104,7 +104,13 @@ def convert(
 
     peft = read_peft(peft_dir)
     target = Path(out) if out is not None else peft.path / f"adapter{fmt.suffix}"
-    return fmt.from_peft(peft, target, models.resolve(model), chosen)
+    base = models.resolve(model)
+    if base.is_file() and base.suffix.lower() == ".gguf":
+        from ..families import require
+        from ..gguffile import read_header
+
+        require(read_header(base).architecture, f"adapter:{to}")
+    return fmt.from_peft(peft, target, base, chosen)
 
 
 def inspect(path: str | os.PathLike[str]) -> AdapterSummary:

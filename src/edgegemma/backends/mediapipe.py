@@ -54,6 +54,8 @@ from ..errors import (
     ModelError,
     NumericalError,
 )
+from ..families import require
+from ..gguffile import read_header
 from ..locations import home
 from ..recipes import LITERT_FILES, litert_options
 from ..sampling import SamplingParams
@@ -133,6 +135,8 @@ class MediaPipeBackend(Backend):
     @classmethod
     def open(cls, path: Path, options: BackendOptions) -> MediaPipeBackend:
         if path.suffix.lower() == ".gguf":
+            if path.is_file():
+                require(read_header(path).architecture, "backend:mediapipe")  # before any build
             path = _built_bundle(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")

@@ -49,6 +49,8 @@ from ..errors import (
     ModelError,
     NumericalError,
 )
+from ..families import family_of_model_type, require
+from ..gguffile import read_header
 from ..recipes import ONNX_OPTIONS, onnx_options
 from ..sampling import SamplingParams
 from .base import (
@@ -128,7 +130,7 @@ class OnnxBackend(Backend):
         self._bytes = _TokenBytes(self._tokenizer, _special_tokens(path) | eog)
         lora = f"LoRA inputs on {len(self._lora)} projections" if self._lora else "no LoRA inputs"
         self.info = ModelInfo(
-            architecture="gemma3" if facts["type"].startswith("gemma3") else facts["type"],
+            architecture=family_of_model_type(facts["type"]).name,
             n_ctx=n_ctx,
             n_ctx_train=int(facts["context_length"]),
             vocab_size=int(facts["vocab_size"]),
@@ -146,6 +148,7 @@ class OnnxBackend(Backend):
     @classmethod
     def open(cls, path: Path, options: BackendOptions) -> OnnxBackend:
         if path.is_file():
+            require(read_header(path).architecture, "backend:onnx")  # before any build
             path = _built_model(path, options.extra)
         elif options.extra:
             raise InvalidParameterError(
@@ -159,6 +162,7 @@ class OnnxBackend(Backend):
             n_ctx_train = int(config["model"]["context_length"])
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{path / CONFIG_FILE} is unusable: {exc}") from None
+        require(family_of_model_type(str(config["model"].get("type"))).name, "backend:onnx")
         if options.n_ctx > n_ctx_train:
             raise InvalidParameterError(
                 f"n_ctx={options.n_ctx} is larger than the {n_ctx_train} tokens {path.name} was trained for"

@@ -1,5 +1,6 @@
-"""``edgegemma convert``: build models for a runtime from a GGUF, once, into the build cache.
+"""``edgegemma convert``: build models for a runtime from a GGUF or a Hugging Face checkpoint.
 
+    edgegemma convert ./hf-checkpoint --to gguf --quant f32|f16|bf16|q8_0|q4_k_m|q4_0|q5_0 [-o FILE]
     edgegemma convert gemma3-270m --to gguf --quant q4_0 [--embedding q4_0] [--importance gemma3-270m]
     edgegemma convert gemma3-270m --to onnx [--precision int4|int8|fp32] [--quant-method default|k_quant]
                                             [--lora-targets q,k,v,o | --no-lora]
@@ -7,10 +8,14 @@
 
 Each target is named for the format it writes (see :mod:`edgegemma.recipes`): ``gguf`` for
 llama.cpp (llama.cpp's own quantizer, no extra needed), ``onnx`` for ONNX Runtime GenAI,
-``litert`` for MediaPipe / LiteRT-LM (a ``.litertlm`` and a ``.task`` bundle). The ``onnx``
-and ``litert`` builds need the ``convert`` extra. Builds are cached (see
-:mod:`edgegemma.builds`); the command prints what it built and a models.lock-style record of
-it. Adapters are converted by ``edgegemma adapters convert``.
+``litert`` for MediaPipe / LiteRT-LM (a ``.litertlm`` and a ``.task`` bundle). A checkpoint
+folder (transformers layout) becomes a GGUF through llama.cpp's own converter
+(:mod:`.gguf`); the other formats start from a GGUF. What each Gemma family supports is in
+:mod:`edgegemma.families`, checked before any work. Everything but GGUF-to-GGUF
+requantization needs the ``convert`` extra. Builds from a GGUF are cached (see
+:mod:`edgegemma.builds`) and the command prints what it built and a models.lock-style
+record of it; ``-o`` copies the result out (a file, or a folder for ``onnx`` and
+``litert``). Adapters are converted by ``edgegemma adapters convert``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from ..builds import read_manifest
 from ..errors import InvalidParameterError
+from ..families import require
 from ..importance import names as importance_names
 from ..recipes import (
     GGUF_EMBEDDINGS,
@@ -35,6 +41,7 @@ from ..recipes import (
     litert_options,
     onnx_options,
 )
+from .gguf import CONVERTER_TYPES
 
 _OLD_TARGETS = {"litertlm": "litert", "task": "litert"}
 """``--to`` words of earlier versions; still understood (they print that one bundle)."""
@@ -50,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Build a model for a runtime from a GGUF (built once, then cached). "
         "PEFT adapters are converted by `edgegemma adapters convert`.",
     )
-    parser.add_argument("source", help="models.lock name or GGUF path")
+    parser.add_argument(
+        "source", help="models.lock name, GGUF path, or Hugging Face checkpoint folder"
+    )
     parser.add_argument(
         "--to",
         required=True,
@@ -59,8 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the format to build: gguf (llama.cpp), onnx (ONNX Runtime GenAI), "
         "litert (MediaPipe / LiteRT-LM)",
     )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="where to write the result (a file for gguf, a folder for onnx and litert); "
+        "default: the build cache, whose path is printed",
+    )
     gguf = parser.add_argument_group("gguf")
-    gguf.add_argument("--quant", help=f"gguf: llama.cpp recipe, one of {', '.join(GGUF_QUANTS)}; "
+    gguf.add_argument("--quant", help=f"gguf: llama.cpp recipe, one of {', '.join(GGUF_QUANTS)} "
+                      f"(from a checkpoint also {', '.join(CONVERTER_TYPES)}); "
                       f"litert: quantization recipe, one of {', '.join(LITERT_QUANTS)} "
                       "(default: dynamic_int8; see docs/mediapipe.md)")  # fmt: skip
     gguf.add_argument(
@@ -106,16 +123,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _to_gguf(args: argparse.Namespace) -> int:
-    from ..quantize import build_gguf
-
     if args.quant is None:
         raise InvalidParameterError("--to gguf needs --quant (e.g. --quant q4_0)")
+    source = _source(args.source)
+    if source.is_dir():
+        if args.embedding or args.importance:
+            raise InvalidParameterError(
+                "--embedding and --importance requantize a GGUF; convert the checkpoint first"
+            )
+        from .gguf import checkpoint_to_gguf
+
+        out = args.output or Path(f"{source.resolve().name}-{args.quant}.gguf")
+        print(checkpoint_to_gguf(source, out, args.quant, progress=print_progress))
+        return 0
+    from ..quantize import build_gguf
+
     path = build_gguf(
-        _gguf(args.source),
+        _gguf(source, "convert:gguf"),
         gguf_options(args.quant, args.embedding, args.importance),
         progress=print_progress,
     )
-    print(path)
+    print(_copy_out(path, args.output))
     print(_lock_record(path.parent))
     return 0
 
@@ -126,8 +154,10 @@ def _to_onnx(args: argparse.Namespace) -> int:
     options = onnx_options(
         args.precision, args.quant_method, None if args.no_lora else args.lora_targets
     )
-    folder = build_onnx(_gguf(args.source), options, progress=print_progress)
-    print(folder)
+    folder = build_onnx(
+        _gguf(_source(args.source), "convert:onnx"), options, progress=print_progress
+    )
+    print(_copy_out(folder, args.output))
     print(_lock_record(folder))
     return 0
 
@@ -136,10 +166,13 @@ def _to_litert(args: argparse.Namespace) -> int:
     from .litert import build_litert
 
     options = litert_options(args.quant, args.lora_rank, args.context)
-    folder = build_litert(_gguf(args.source), options, progress=print_progress)
+    folder = build_litert(
+        _gguf(_source(args.source), "convert:litert"), options, progress=print_progress
+    )
+    copied = _copy_out(folder, args.output)
     bundles = [args.to] if args.to in LITERT_FILES else list(LITERT_FILES)
     for bundle in bundles:
-        print(folder / LITERT_FILES[bundle])
+        print(copied / LITERT_FILES[bundle])
     print(_lock_record(folder))
     return 0
 
@@ -152,13 +185,39 @@ _TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
 """``--to`` choices: each takes the parsed arguments and returns the exit status."""
 
 
-def _gguf(model: str) -> Path:
+def _source(model: str) -> Path:
     from ..models import resolve
 
-    path = resolve(model)
+    return resolve(model)
+
+
+def _gguf(path: Path, capability: str) -> Path:
+    """``path`` if it is a GGUF model whose family can be built into ``capability``."""
+    from ..gguffile import read_header
+
+    if path.is_dir():
+        from ..families import family_of_checkpoint
+
+        require(family_of_checkpoint(path).name, capability)
+        raise InvalidParameterError(
+            f"{path} is a checkpoint folder: convert it to a GGUF first "
+            f"(edgegemma convert {path} --to gguf --quant f32), then convert that"
+        )
     if not path.is_file() or path.suffix.lower() != ".gguf":
-        raise InvalidParameterError(f"{path} is not a GGUF file; conversions start from the GGUF")
+        raise InvalidParameterError(
+            f"{path} is not a GGUF file or a checkpoint folder; conversions start from either"
+        )
+    require(read_header(path).architecture, capability)
     return path
+
+
+def _copy_out(built: Path, output: Path | None) -> Path:
+    """``built`` (a file or folder in the build cache), copied to ``output`` if given."""
+    if output is None:
+        return built
+    from ..files import copy_atomically
+
+    return copy_atomically(built, output)
 
 
 def _lock_record(folder: Path) -> str:

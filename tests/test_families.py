@@ -1,0 +1,193 @@
+"""Every Gemma family against transformers, on tiny random-weight checkpoints (tests/families.py).
+
+For each family the family table (:mod:`edgegemma.families`) says llama.cpp runs: the
+checkpoint converted by ``edgegemma convert DIR --to gguf --quant f32`` gives transformers'
+greedy tokens and last-position logits through ``edgegemma.load``; a PEFT LoRA converted
+by ``edgegemma adapters convert`` gives PEFT's tokens; the engine's features run on it. What
+the table refuses is refused before any work, with the architecture, the capability and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from families import FAMILIES, checkpoint, random_peft, reference
+
+import edgegemma
+from edgegemma import UnsupportedArchitectureError, families
+from edgegemma.adapters import main as adapters_main
+from edgegemma.cli import main as cli_main
+from edgegemma.convert.gguf import runtime_differences
+
+PROMPT = "The capital of France is"
+N_TOKENS = 12
+LLAMA_CPP_FAMILIES = [f for f in FAMILIES if families.FAMILIES[f].supports("backend:llamacpp")]
+
+
+@functools.cache
+def _gguf(family: str, root: Path) -> Path:
+    """The family's checkpoint converted by the CLI exactly as a user types it."""
+    out = root / f"{family}-f32.gguf"
+    code = cli_main(
+        ["convert", str(checkpoint(family)), "--to", "gguf", "--quant", "f32", "-o", str(out)]
+    )
+    assert code == 0 and out.is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return lambda family: _gguf(family, root)
+
+
+def _logits(engine: edgegemma.Engine, ids: list[int]) -> np.ndarray:
+    """The last prompt position's logits, read from the backend as the engine sampled them."""
+    backend = engine._backend
+    backend.start(ids, reuse=0, adapters=[], sampling=edgegemma.SamplingParams())
+    logits = np.array(backend.logits(), dtype=np.float64)
+    engine.reset()
+    return logits
+
+
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_gguf_matches_transformers(family, converted):
+    with edgegemma.load(converted(family), n_ctx=256, n_threads=2) as engine:
+        assert engine.info.architecture == family
+        ids = engine.tokenize(PROMPT)
+        expected, expected_logits = reference(checkpoint(family), ids, N_TOKENS)
+        result = engine.generate(PROMPT, max_tokens=N_TOKENS, temperature=0)
+        assert result.token_ids == expected
+        logits = _logits(engine, ids)
+    assert np.corrcoef(logits, expected_logits)[0, 1] >= 0.9999
+    assert np.abs(logits - expected_logits).max() < 5e-3
+
+
+@pytest.mark.parametrize("targets", ["qv", "all"])
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_peft_lora_matches_peft(family, targets, converted, tmp_path):
+    modules = (
+        ("q_proj", "v_proj")
+        if targets == "qv"
+        else ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    base = checkpoint(family)
+    peft_dir = random_peft(base, tmp_path / "peft", modules)
+    adapter = tmp_path / "adapter.gguf"
+    code = adapters_main(
+        ["convert", str(peft_dir), "--to", "gguf", "--model", str(converted(family)),
+         "--dtype", "f32", "-o", str(adapter)]
+    )  # fmt: skip
+    assert code == 0
+    with edgegemma.load(converted(family), n_ctx=256, n_threads=2) as engine:
+        ids = engine.tokenize(PROMPT)
+        expected, _ = reference(base, ids, N_TOKENS, peft_dir=peft_dir)
+        without, _ = reference(base, ids, N_TOKENS)
+        engine.load_adapter("skill", adapter)
+        result = engine.generate(
+            PROMPT, max_tokens=N_TOKENS, temperature=0, adapters={"skill": 1.0}
+        )
+        assert result.token_ids == expected
+        # Swapped out at runtime: the base's own tokens again, no reload.
+        assert engine.generate(PROMPT, max_tokens=N_TOKENS, temperature=0).token_ids == without
+
+
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_engine_features_run(family, converted):
+    """Classify, a constraint, chat and a batch run on each family's model."""
+    with edgegemma.load(converted(family), n_ctx=512, n_threads=2) as engine:
+        labels = ["alpha", "beta", "gamma"]
+        verdict = engine.classify("Pick one:", labels)
+        assert verdict.label in labels and abs(sum(verdict.scores.values()) - 1) < 1e-6
+        constrained = engine.generate("Answer:", max_tokens=8, choices=["yes", "no"])
+        assert constrained.text in ("yes", "no")
+        batch = engine.generate_many([PROMPT, "Hello", "One two"], max_tokens=4, temperature=0)
+        alone = [
+            engine.generate(p, max_tokens=4, temperature=0).token_ids
+            for p in (PROMPT, "Hello", "One two")
+        ]
+        assert [r.token_ids for r in batch] == alone
+        messages = [{"role": "user", "content": "Hi"}]
+        if families.FAMILIES[family].supports("chat-template") or engine.info.chat_template:
+            assert "<start_of_turn>user\nHi<end_of_turn>" in engine.apply_chat_template(messages)
+            assert engine.chat(messages, max_tokens=4).stats.prompt_tokens > 0
+        else:
+            with pytest.raises(
+                UnsupportedArchitectureError,
+                match=f"{family}.*chat-template|{family}.*chat template",
+            ):
+                engine.chat(messages, max_tokens=4)
+
+
+def test_every_cell_of_the_table_is_a_test_or_a_reason():
+    for family in families.FAMILIES.values():
+        for capability in families.CAPABILITIES:
+            evidence = family.supported.get(capability)
+            if evidence is None:
+                assert family.refused[capability]
+                continue
+            path, _, name = evidence.partition("::")
+            assert Path(__file__).parent.parent.joinpath(path).is_file(), evidence
+            if name:  # a test of this family, never another family's
+                assert f"[{family.name}" in name and name.split("[")[0] in globals(), evidence
+
+
+def test_a_refused_capability_names_architecture_capability_and_reason(converted, tmp_path, capsys):
+    source = converted("gemma4")
+    capsys.readouterr()
+    assert cli_main(["convert", str(source), "--to", "onnx", "--precision", "fp32"]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("edgegemma convert: error: gemma4 (Gemma 4 (text)): convert onnx is")
+    assert "verified" in said and "ignore_mismatched_sizes" not in said
+    with pytest.raises(UnsupportedArchitectureError) as refused:
+        families.require("gemma4", "convert:onnx")
+    assert refused.value.architecture == "gemma4" and refused.value.capability == "convert:onnx"
+    with pytest.raises(UnsupportedArchitectureError, match="gemma4.*backend onnx"):
+        edgegemma.load(source, backend="onnx")
+    with pytest.raises(UnsupportedArchitectureError, match="gemma4.*backend mediapipe"):
+        edgegemma.load(source, backend="mediapipe")
+    not_gemma = tmp_path / "llama"
+    shutil.copytree(checkpoint("gemma3"), not_gemma)
+    config = json.loads((not_gemma / "config.json").read_text())
+    (not_gemma / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    out = tmp_path / "x.gguf"
+    assert (
+        cli_main(["convert", str(not_gemma), "--to", "gguf", "--quant", "f32", "-o", str(out)]) == 1
+    )
+    assert "model_type 'llama' is not a Gemma family" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_configs_llama_cpp_computes_differently_are_warned_about(tmp_path):
+    assert runtime_differences(checkpoint("gemma3")) == []
+    assert runtime_differences(checkpoint("gemma3n")) == []
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint("gemma3"), changed)
+    config = json.loads((changed / "config.json").read_text())
+    config.update(
+        query_pre_attn_scalar=256, layer_types=["sliding_attention"] * 5 + ["full_attention"] * 1
+    )
+    config["layer_types"][2] = "full_attention"
+    (changed / "config.json").write_text(json.dumps(config))
+    found = runtime_differences(changed)
+    assert len(found) == 2
+    assert "query_pre_attn_scalar is 256 but head_dim is 32" in found[0]
+    assert "every 6th gemma3 layer full attention" in found[1]
+    with pytest.warns(UserWarning, match="query_pre_attn_scalar"):
+        cli_main(
+            [
+                "convert",
+                str(changed),
+                "--to",
+                "gguf",
+                "--quant",
+                "f16",
+                "-o",
+                str(tmp_path / "c.gguf"),
+            ]
+        )
