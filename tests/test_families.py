@@ -163,31 +163,43 @@ def test_a_refused_capability_names_architecture_capability_and_reason(converted
     assert not out.exists()
 
 
+def _changed(family: str, folder: Path, **config_changes) -> Path:
+    """A copy of ``family``'s checkpoint with ``config_changes`` in its config.json."""
+    shutil.copytree(checkpoint(family), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def test_a_gemma3_attention_scale_other_than_head_dim_still_matches_transformers(tmp_path):
+    """transformers scales by query_pre_attn_scalar, llama.cpp by head_dim: the conversion
+    folds the difference into the query norm."""
+    folder = _changed("gemma3", tmp_path / "scaled", query_pre_attn_scalar=256)
+    assert runtime_differences(folder) == []
+    out = tmp_path / "scaled.gguf"
+    assert cli_main(["convert", str(folder), "--to", "gguf", "--quant", "f32", "-o", str(out)]) == 0
+    with edgegemma.load(out, n_ctx=256, n_threads=2) as engine:
+        ids = engine.tokenize(PROMPT)
+        expected, expected_logits = reference(folder, ids, N_TOKENS)
+        assert engine.generate(PROMPT, max_tokens=N_TOKENS).token_ids == expected
+        assert np.corrcoef(_logits(engine, ids), expected_logits)[0, 1] >= 0.9999
+
+
 def test_configs_llama_cpp_computes_differently_are_warned_about(tmp_path):
-    assert runtime_differences(checkpoint("gemma3")) == []
-    assert runtime_differences(checkpoint("gemma3n")) == []
-    changed = tmp_path / "changed"
-    shutil.copytree(checkpoint("gemma3"), changed)
-    config = json.loads((changed / "config.json").read_text())
-    config.update(
-        query_pre_attn_scalar=256, layer_types=["sliding_attention"] * 5 + ["full_attention"] * 1
-    )
-    config["layer_types"][2] = "full_attention"
-    (changed / "config.json").write_text(json.dumps(config))
-    found = runtime_differences(changed)
-    assert len(found) == 2
-    assert "query_pre_attn_scalar is 256 but head_dim is 32" in found[0]
-    assert "every 6th gemma3 layer full attention" in found[1]
-    with pytest.warns(UserWarning, match="query_pre_attn_scalar"):
-        cli_main(
-            [
-                "convert",
-                str(changed),
-                "--to",
-                "gguf",
-                "--quant",
-                "f16",
-                "-o",
-                str(tmp_path / "c.gguf"),
-            ]
-        )
+    for family in LLAMA_CPP_FAMILIES:
+        assert runtime_differences(checkpoint(family)) == [], family
+    layers = ["sliding_attention"] * 5 + ["full_attention"]
+    layers[2] = "full_attention"
+    gemma3 = _changed("gemma3", tmp_path / "gemma3", layer_types=layers)
+    [found] = runtime_differences(gemma3)
+    assert "every 6th gemma3 layer full attention" in found
+    gemma2 = _changed("gemma2", tmp_path / "gemma2", query_pre_attn_scalar=256)
+    [found] = runtime_differences(gemma2)
+    assert "query_pre_attn_scalar is 256 but head_dim is 32" in found
+    gemma3n = _changed("gemma3n", tmp_path / "gemma3n", num_kv_shared_layers=4)
+    [found] = runtime_differences(gemma3n)
+    assert "18 layers compute K/V, but llama.cpp shares the K/V of the first 20" in found
+    out = tmp_path / "c.gguf"
+    with pytest.warns(UserWarning, match="every 6th gemma3 layer"):
+        code = cli_main(["convert", str(gemma3), "--to", "gguf", "--quant", "f16", "-o", str(out)])
+    assert code == 0 and out.is_file()

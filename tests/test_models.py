@@ -183,6 +183,35 @@ def test_packaged_lock_is_valid_and_canonical() -> None:
     assert models._format_lock(entries) == models.lock_path().read_text(encoding="utf-8")
 
 
+SHIPPED_HUB_ENTRIES = [e for e in models.read_lock().values() if e.source == "hf"]
+
+
+def test_every_shipped_hub_entry_is_pinned_with_its_family_and_memory() -> None:
+    assert {e.family for e in SHIPPED_HUB_ENTRIES} >= {"gemma3", "gemma3n", "gemma4"}
+    for entry in models.read_lock().values():
+        assert entry.family is not None and entry.license, entry.name
+        if entry.source == "hf":
+            assert re.fullmatch(r"[0-9a-f]{40}", str(entry.revision)), entry.name
+            assert entry.sha256 and entry.size, entry.name
+        if entry.format == "gguf":
+            assert entry.ram_mb and entry.ram_n_ctx and entry.ram_mb * 2**20 > (entry.size or 0)
+
+
+@pytest.mark.parametrize("entry", SHIPPED_HUB_ENTRIES, ids=lambda e: e.name)
+def test_a_shipped_hub_entry_is_fetched_at_its_commit_and_checked(
+    hub: FakeHub, cache: Path, entry: models.LockEntry
+) -> None:
+    """The real client asks the stand-in for the pinned commit; bytes other than the pinned
+    ones are refused and nothing is cached."""
+    hub.files[(str(entry.repo), str(entry.revision), str(entry.filename))] = CONTENT
+    hub.branches[(str(entry.repo), "main")] = str(entry.revision)
+    with pytest.raises(IntegrityError) as caught:
+        models.fetch(entry.name)
+    assert caught.value.expected == entry.sha256
+    assert any(str(entry.revision) in url for url in hub.gets())
+    assert listing(cache / "models" / entry.name) == [".lock"]
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -246,7 +275,9 @@ def test_resolve_paths_names_and_bad_input(tmp_path: Path) -> None:
     for bad in ("", None, 3):
         with pytest.raises(InvalidParameterError):
             models.resolve(bad)  # type: ignore[arg-type]
-    with pytest.raises(ModelError, match="no model named 'gemma-9000'.*known models: gemma3-270m"):
+    with pytest.raises(
+        ModelError, match="no model named 'gemma-9000'.*known models: .*gemma3-270m"
+    ):
         models.fetch("gemma-9000")
 
 
@@ -548,8 +579,20 @@ def test_cli(hub: FakeHub, use_lock, cache: Path, capsys: pytest.CaptureFixture[
         return {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
 
     rows = table()
-    assert rows["pinned"] == ["pinned", "gguf", f"hf:{REPO}@main", "1.0", "MB", "no", "lock"]
-    assert rows["unpinned"] == ["unpinned", "gguf", f"hf:{REPO}@main", "?", "no", "no"]
+    license_name = hf_entry()["license"].split(" (")[0].replace(" ", "-")
+    rows_expected = ["gguf", "1.0MB", "?", license_name, f"hf:{REPO}@main", "no", "lock"]
+    assert rows["pinned"] == ["pinned", "?", *rows_expected]
+    assert rows["unpinned"] == [
+        "unpinned",
+        "?",
+        "gguf",
+        "?",
+        "?",
+        license_name,
+        f"hf:{REPO}@main",
+        "no",
+        "no",
+    ]
 
     assert models.main(["verify"]) == 0  # nothing cached, nothing wrong
     assert models.main(["verify", "unpinned"]) == 1  # but a named model must be there
@@ -559,7 +602,8 @@ def test_cli(hub: FakeHub, use_lock, cache: Path, capsys: pytest.CaptureFixture[
     path = cache / "models" / "unpinned" / FILENAME
     assert capsys.readouterr().out == f"{path}\n"
     assert table()["unpinned"] == [
-        "unpinned", "gguf", f"hf:{REPO}@main", "1.0", "MB", "yes", "first", "fetch"
+        "unpinned", "?", "gguf", "1.0MB", "?", license_name, f"hf:{REPO}@main", "yes", "first",
+        "fetch",
     ]  # fmt: skip
 
     assert models.main(["lock", "unpinned"]) == 0

@@ -63,6 +63,7 @@ from .errors import (
     InvalidParameterError,
     ModelError,
 )
+from .families import FAMILIES
 from .locations import check_regular_file, home, lock_path, read_text
 from .recipes import gguf_options
 
@@ -77,15 +78,16 @@ _SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "quantize": ("base", "quant", "embedding"),
 }
 _REQUIRED_KEYS = ("format", "source", "license")
-_OPTIONAL_KEYS = ("sha256", "size", "description")
+_OPTIONAL_KEYS = ("family", "sha256", "size", "ram_mb", "ram_n_ctx", "description")
 # A variant's bytes depend on the CPU the quantizer runs on (see LockEntry.sha256_aarch64).
 _VARIANT_PIN_KEYS = ("sha256_aarch64", "size_aarch64")
 _VARIANT_OPTIONAL_KEYS = ("importance",)
 # The order keys are written in: where from, then what to expect, then the words for people.
 _KEY_ORDER = (
-    "format", "source", "package", "file", "repo", "revision", "filename", "base", "quant",
-    "embedding", "importance",
-    "sha256", "size", "sha256_aarch64", "size_aarch64", "license", "description",
+    "format", "family", "source", "package", "file", "repo", "revision", "filename", "base",
+    "quant", "embedding", "importance",
+    "sha256", "size", "sha256_aarch64", "size_aarch64", "ram_mb", "ram_n_ctx", "license",
+    "description",
 )  # fmt: skip
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -105,7 +107,9 @@ _LOCK_HEADER = """\
 # token embedding's type, or "recipe") and optionally importance (the shipped importance weights
 # the embedding is quantized with): a variant built by llama.cpp's quantizer on first use;
 # sha256 and size the artifact must have (a variant: as built on x86-64, and sha256_aarch64
-# and size_aarch64 as built on Linux aarch64); license; description.
+# and size_aarch64 as built on Linux aarch64); family (a Gemma architecture of
+# edgegemma.families); ram_mb, the memory it needs at ram_n_ctx tokens of context (docs/models.md
+# says how each was had); license; description.
 # An entry without sha256 is pinned on first fetch; `edgegemma models lock NAME` then writes
 # sha256, size and the resolved commit here. That command rewrites this file in this form:
 # keep notes in `description`, not in comments.
@@ -122,6 +126,11 @@ class LockEntry:
     source: Source
     license: str
     description: str = ""
+    family: str | None = None
+    """The Gemma architecture (:mod:`edgegemma.families`)."""
+    ram_mb: int | None = None
+    """MiB of memory a process running it needs at ``ram_n_ctx`` tokens of context."""
+    ram_n_ctx: int | None = None
     package: str | None = None
     """pypi: the requirement ``dist==version``; its import name is ``dist`` with ``-`` as ``_``."""
     file: str | None = None
@@ -296,13 +305,17 @@ def _parse_entry(path: Path, name: str, table: object) -> LockEntry:
         raise bad(f"missing {', '.join(missing)}")
     fields = dict(table)
     for key, value in fields.items():
-        if key.startswith("size"):
+        if key.startswith(("size", "ram_")):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(f"{key} must be a positive number of bytes, got {value!r}")
         elif not isinstance(value, str) or (not value.strip() and key != "description"):
             raise bad(f"{key} must be a non-empty string, got {value!r}")
     if not _FORMAT.fullmatch(fields["format"]):
         raise bad(f"format must be a lowercase word such as gguf or onnx, got {fields['format']!r}")
+    if "family" in fields and fields["family"] not in FAMILIES:
+        raise bad(f"family must be one of {', '.join(FAMILIES)}, got {fields['family']!r}")
+    if ("ram_mb" in fields) != ("ram_n_ctx" in fields):
+        raise bad("ram_mb and ram_n_ctx go together: the memory needed at that context")
     for key in ("sha256", "sha256_aarch64"):
         if key in fields:
             fields[key] = fields[key].lower()
@@ -950,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_list() -> int:
-    rows = [("NAME", "FORMAT", "SOURCE", "SIZE", "CACHED", "PINNED")]
+    rows = [("NAME", "FAMILY", "FORMAT", "SIZE", "RAM", "LICENSE", "SOURCE", "CACHED", "PINNED")]
     entries = read_lock()
     for entry in entries.values():
         if entry.source == "quantize":
@@ -958,7 +971,7 @@ def _print_list() -> int:
             cached = "yes" if built else "no"
             pinned = "lock" if entry.sha256 else "no"
             size = entry.size
-            source = f"{entry.base} {entry.quant}, embedding {entry.embedding}"
+            source = f"{entry.base}:{entry.quant}+{entry.embedding}"
         else:
             folder = _model_dir(entry.name)
             record = _read_pin(folder)
@@ -972,11 +985,18 @@ def _print_list() -> int:
             pinned = "no" if expected is None else "lock" if entry.sha256 else "first fetch"
             size = entry.size or (expected.size if expected else None)
             source = (
-                str(entry.package) if entry.source == "pypi" else f"{entry.repo}@{entry.revision}"
+                str(entry.package)
+                if entry.source == "pypi"
+                else f"{entry.repo}@{str(entry.revision)[:12]}"
             )
+        ram = f"{entry.ram_mb}MiB@{entry.ram_n_ctx}" if entry.ram_mb else "?"
+        license_name = entry.license.split(" (")[0].replace(" ", "-")
         rows.append(
-            (entry.name, entry.format, f"{entry.source}:{source}", _megabytes(size), cached, pinned)
-        )
+            (
+                entry.name, entry.family or "?", entry.format, _megabytes(size), ram,
+                license_name, f"{entry.source}:{source}", cached, pinned,
+            )
+        )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]))
@@ -1009,7 +1029,7 @@ def _print_verify(name: str | None) -> int:
 
 
 def _megabytes(size: int | None) -> str:
-    return "?" if size is None else f"{size / 1e6:.1f} MB"
+    return "?" if size is None else f"{size / 1e6:.1f}MB"
 
 
 def _bytes(size: int | None) -> str:

@@ -124,6 +124,7 @@ def checkpoint_to_gguf(
         written = Path(scratch) / ("model.gguf" if direct else "model-f32.gguf")
         say(f"converting {checkpoint} ({family.title}) with llama.cpp's convert_hf_to_gguf.py")
         _run_converter(tools, checkpoint, written, quant if direct else "f32")
+        _fold_attention_scale(checkpoint, written)
         if not direct:
             from ..quantize import quantize
 
@@ -133,6 +134,46 @@ def checkpoint_to_gguf(
             written = quantized
         os.replace(written, out)
     return out
+
+
+def _fold_attention_scale(checkpoint: Path, gguf_path: Path) -> None:
+    """Make llama.cpp's Gemma 3 attention scale transformers' where the config sets another.
+
+    llama.cpp divides Gemma 3's attention scores by sqrt(head_dim) (by sqrt(hidden/heads) for
+    27B); transformers by sqrt(query_pre_attn_scalar). The queries pass through a per-head
+    RMS norm whose weight multiplies them, and which the converter writes as float32, so
+    multiplying that weight by the ratio of the two roots gives transformers' scores exactly,
+    at any quantization of the other tensors.
+    """
+    from ..gguffile import read_header
+
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or config
+    header = read_header(gguf_path)
+    if header.architecture != "gemma3":
+        return
+    scalar = text.get("query_pre_attn_scalar")
+    heads, hidden, head_dim = (
+        text.get("num_attention_heads"), text.get("hidden_size"), text.get("head_dim")
+    )  # fmt: skip
+    if not all(isinstance(v, (int, float)) and v > 0 for v in (scalar, heads, hidden, head_dim)):
+        return
+    llama_divisor = hidden / heads if header.arch_value("block_count") == 62 else head_dim
+    factor = (llama_divisor / scalar) ** 0.5
+    if abs(factor - 1.0) < 1e-9:
+        return
+    import numpy as np
+
+    with open(gguf_path, "r+b") as f:
+        for name, tensor in header.tensors.items():
+            if not name.endswith("attn_q_norm.weight"):
+                continue
+            if tensor.type != 0:  # GGML_TYPE_F32
+                raise ConversionError(f"{name} is not float32; cannot fold the attention scale")
+            f.seek(tensor.offset)
+            weight = np.frombuffer(f.read(tensor.nbytes), dtype=np.float32) * np.float32(factor)
+            f.seek(tensor.offset)
+            f.write(weight.astype(np.float32).tobytes())
 
 
 def _run_converter(tools: Path, checkpoint: Path, out: Path, outtype: str) -> None:
@@ -158,9 +199,10 @@ def runtime_differences(checkpoint: Path) -> list[str]:
     """What llama.cpp will compute differently from transformers for this checkpoint's config.
 
     Real Gemma checkpoints have none; a hand-made or pruned config may. llama.cpp scales
-    Gemma 2 and Gemma 3 attention by 1/sqrt(head_dim) (every size but 27B) where transformers
-    uses ``query_pre_attn_scalar``, and places their full-attention layers by a fixed period
-    (:data:`_LAYER_PERIOD`) where transformers reads ``layer_types``.
+    Gemma 2 attention by 1/sqrt(head_dim) (every size but 27B) where transformers uses
+    ``query_pre_attn_scalar`` (Gemma 3's is made right: :func:`_fold_attention_scale`), and
+    places Gemma 2 and 3 full-attention layers by a fixed period (:data:`_LAYER_PERIOD`) where
+    transformers reads ``layer_types``.
     """
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     text = config.get("text_config") or config
@@ -172,7 +214,8 @@ def runtime_differences(checkpoint: Path) -> list[str]:
     found = []
     scalar, head_dim = text.get("query_pre_attn_scalar"), text.get("head_dim")
     if (
-        isinstance(scalar, (int, float))
+        family == "gemma2"  # Gemma 3's is folded into its query norm (_fold_attention_scale)
+        and isinstance(scalar, (int, float))
         and isinstance(head_dim, int)
         and scalar != head_dim
         and text.get("num_hidden_layers") != 62  # 27B: llama.cpp uses hidden / heads there
