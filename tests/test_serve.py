@@ -636,3 +636,82 @@ def test_it_binds_to_localhost_by_default():
 
     options = _parser().parse_args([])
     assert options.host == "127.0.0.1"
+
+
+# -- fault injection: hostile hosts, bad options, slow bodies ----------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, gguf_path) -> Iterator[Served]:
+    """A server with a key, the default Host check and a one-second body timeout."""
+    served = start_server(
+        tmp_path_factory.mktemp("guarded"),
+        "--model", str(gguf_path), "--api-key", KEY, "--n-ctx", "256", "--threads", "2",
+        "--body-timeout", "1",
+    )  # fmt: skip
+    yield served
+    stop_server(served)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", ""])
+def test_a_request_naming_another_host_is_refused(guarded, host):
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1."""
+    answer = httpx.get(
+        f"{guarded.url}/v1/models", headers={"Host": host, "Authorization": f"Bearer {KEY}"}
+    )
+    assert answer.status_code == 403
+    assert answer.json()["error"]["code"] == "host_not_allowed"
+    for good in ("localhost", f"127.0.0.1:{guarded.url.rsplit(':', 1)[1]}", "[::1]:1"):
+        ok = httpx.get(
+            f"{guarded.url}/v1/models", headers={"Host": good, "Authorization": f"Bearer {KEY}"}
+        )
+        assert ok.status_code == 200, good
+
+
+def test_an_empty_bearer_token_is_refused(guarded):
+    for header in ("Bearer", "bearer", f"Basic {KEY}", f"Bearer {KEY}x"):
+        answer = httpx.get(f"{guarded.url}/v1/models", headers={"Authorization": header})
+        assert answer.status_code == 401, header
+
+
+def test_a_body_that_never_arrives_is_timed_out_and_the_server_stays_up(guarded):
+    with socket.create_connection(("127.0.0.1", int(guarded.url.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 4000000\r\n\r\n{"prompt": '
+        )
+        raw.settimeout(30)
+        started = time.monotonic()
+        reply = raw.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"did not arrive within 1 s" in reply and time.monotonic() - started < 20
+    assert guarded.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--api-key", ""], "the API key must be non-empty"),
+        (["--api-key", " key"], "the API key must be non-empty"),
+        (["--port", "99999"], "a port is a number from 0 to 65535"),
+        (["--port", "-1"], "a port is a number from 0 to 65535"),
+        (["--max-body-bytes", "-1"], "must be positive"),
+        (["--max-body-bytes", "0"], "must be positive"),
+        (["--body-timeout", "nan"], "must be positive"),
+    ],
+)
+def test_bad_serve_options_are_refused_before_the_model_loads(args, said):
+    done = subprocess.run(
+        [sys.executable, "-m", "edgegemma", "serve", *args],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serving_beyond_this_machine_without_a_key_is_said():
+    from edgegemma.serve import exposure_warning
+
+    assert "without --api-key" in str(exposure_warning("0.0.0.0", None))
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None

@@ -540,12 +540,47 @@ def _finite(value: float) -> float:
 # -- the application ---------------------------------------------------------------------
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""The names a server bound to this machine only answers to (:class:`HostCheck`)."""
+BODY_TIMEOUT_S = 30.0
+"""Seconds a client has to send a whole request body."""
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+class HostCheck:
+    """Answers only requests whose ``Host`` names one of ``allowed`` (any port): a web page
+    in the user's browser that rebinds its own DNS name to 127.0.0.1 sends its own name,
+    and is refused with 403 instead of reading the completions of a local server."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]):
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+            if name not in self.allowed:
+                refused = APIError(
+                    403,
+                    f"Host {host!r} is not one this server answers to "
+                    f"({', '.join(sorted(self.allowed))}; serve --allow-host adds one)",
+                    code="host_not_allowed",
+                ).response()
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a
-    Content-Length. The body is read here, so the application never holds more than that."""
+    Content-Length, and bodies not sent whole within ``timeout`` seconds with 408. The body
+    is read here, so the application never holds more than that, nor waits for it forever."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = BODY_TIMEOUT_S):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -559,8 +594,17 @@ class BodyLimit:
             await too_large(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                slow = APIError(
+                    408, f"the request body did not arrive within {self.timeout:g} s",
+                    code="request_timeout",
+                ).response()  # fmt: skip
+                await slow(scope, receive, send)
+                return
             if message["type"] != "http.request":
                 return  # the client left before it finished sending
             chunk = message.get("body", b"")
@@ -590,11 +634,20 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     parallel: int = 1,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI application serving ``engine`` under the model name ``model``; up to
-    ``parallel`` requests run together."""
+    ``parallel`` requests run together. Only requests whose ``Host`` is one of
+    ``allowed_hosts`` are answered (None: any, for a server reached by names not known in
+    advance)."""
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise InvalidParameterError(f"parallel must be a positive integer, got {parallel!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise InvalidParameterError("the API key must be a non-empty string (or None: no key)")
+    for name, value in (("max_body_bytes", max_body_bytes), ("body_timeout", body_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InvalidParameterError(f"{name} must be a positive number, got {value!r}")
     server = Server(engine, model, api_key, parallel)
     app = FastAPI(
         title="edgegemma",
@@ -604,7 +657,9 @@ def create_app(
         openapi_url=None,
     )
     app.state.server = server
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout=body_timeout)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -863,8 +918,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="default: %(default)s (this machine only)"
     )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1")
+    parser.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help="0-65535 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--api-key", type=_api_key, help="require 'Authorization: Bearer KEY' on /v1"
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="answer requests whose Host is NAME (repeatable; default with a loopback --host: "
+        f"{', '.join(LOOPBACK_HOSTS)}; with another --host: any)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=BODY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="time a client has to send a request body (default: %(default)s)",
+    )
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
     parser.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
@@ -876,7 +949,7 @@ def _parser() -> argparse.ArgumentParser:
         "always: also the previous answer's tokens and under adapters (faster multi-turn chat)",
     )
     parser.add_argument(
-        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="default: %(default)s"
+        "--max-body-bytes", type=_positive(int), default=MAX_BODY_BYTES, help="default: %(default)s"
     )
     parser.add_argument(
         "--parallel",
@@ -891,10 +964,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell whoever starts a server others can reach without a key."""
+    if is_loopback(host) or api_key is not None:
+        return None
+    return (
+        f"serving on {host} without --api-key: anyone who can reach this machine can use the model"
+    )
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _api_key(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError("the API key must be non-empty, without spaces around it")
+    return text
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     options = _parser().parse_args(argv)
+    allowed_hosts = options.allow_host or (LOOPBACK_HOSTS if is_loopback(options.host) else None)
+    warning = exposure_warning(options.host, options.api_key)
+    if warning:
+        print(f"edgegemma serve: warning: {warning}", file=sys.stderr, flush=True)
     adapters = [_parse_adapter(spec) for spec in options.adapter]
     model = options.model or default_model(options.backend)
     name = options.name or (model if looks_like_a_name(model) else Path(model).stem)
@@ -916,6 +1027,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=options.api_key,
             max_body_bytes=options.max_body_bytes,
             parallel=options.parallel,
+            allowed_hosts=allowed_hosts,
+            body_timeout=options.body_timeout,
         )
         config = uvicorn.Config(
             app,
