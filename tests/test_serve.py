@@ -4,6 +4,7 @@ server process on a free local port, on the real model, on every backend."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -643,11 +644,12 @@ def test_it_binds_to_localhost_by_default():
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, gguf_path) -> Iterator[Served]:
-    """A server with a key, the default Host check and a one-second body timeout."""
+    """A server with a key, the default Host check, a one-second body timeout, and room for
+    four requests together."""
     served = start_server(
         tmp_path_factory.mktemp("guarded"),
-        "--model", str(gguf_path), "--api-key", KEY, "--n-ctx", "256", "--threads", "2",
-        "--body-timeout", "1",
+        "--model", str(gguf_path), "--api-key", KEY, "--n-ctx", "1024", "--threads", "2",
+        "--body-timeout", "1", "--parallel", "4", "--name", NAME,
     )  # fmt: skip
     yield served
     stop_server(served)
@@ -683,7 +685,9 @@ def test_a_body_that_never_arrives_is_timed_out_and_the_server_stays_up(guarded)
         )
         raw.settimeout(30)
         started = time.monotonic()
-        reply = raw.recv(65536)
+        reply = b""
+        while chunk := raw.recv(65536):  # the server closes the connection after its answer
+            reply += chunk
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"did not arrive within 1 s" in reply and time.monotonic() - started < 20
     assert guarded.health()["status"] == "ok"
@@ -715,3 +719,70 @@ def test_serving_beyond_this_machine_without_a_key_is_said():
     assert "without --api-key" in str(exposure_warning("0.0.0.0", None))
     assert exposure_warning("0.0.0.0", "k") is None
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+
+
+def test_a_failing_constraint_ends_its_own_request_only(guarded):
+    """Under --parallel, a request whose constraint has no way forward gets its 400; the
+    requests batched with it are answered in full, as they would be alone."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    good = {"model": NAME, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    alone = httpx.post(f"{guarded.url}/v1/completions", json=good, headers=headers, timeout=120)
+    bad = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "JSON"}],
+        "max_tokens": 24,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"$ref": "#"}},
+        },
+    }
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, path: str, body: dict) -> None:
+        answers[name] = httpx.post(f"{guarded.url}{path}", json=body, headers=headers, timeout=120)
+
+    threads = [
+        threading.Thread(target=send, args=("good1", "/v1/completions", good)),
+        threading.Thread(target=send, args=("bad", "/v1/chat/completions", bad)),
+        threading.Thread(target=send, args=("good2", "/v1/completions", good)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers["bad"].status_code == 400
+    assert "admits no further text" in answers["bad"].json()["error"]["message"]
+    for name in ("good1", "good2"):
+        assert answers[name].status_code == 200
+        choice = answers[name].json()["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (
+            alone.json()["choices"][0]["text"],
+            "length",
+        )
+    nan = {
+        **bad,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"const": math.nan}},
+        },
+    }
+    refused = httpx.post(
+        f"{guarded.url}/v1/chat/completions",
+        content=json.dumps(nan),
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert refused.status_code == 400 and "NaN" in refused.text
+
+
+def test_streamed_completions_refuse_logprobs_instead_of_sending_null(guarded):
+    body = {
+        "model": "gemma3-270m",
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "stream": True,
+        "logprobs": 2,
+    }
+    answer = httpx.post(
+        f"{guarded.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "logprobs"

@@ -179,6 +179,19 @@ def test_an_unfinishable_constraint_says_so(opened, backend):
         ({"choices": []}, "non-empty list"),
         ({"choices": ["a", ""]}, "non-empty string"),
         ({"choices": ["a"], "regex": "a"}, "one constraint"),
+        # No silent answers: a schema with no finite instance, NaN (which JSON cannot hold).
+        ({"json_schema": {"$ref": "#"}}, "admits no further text"),
+        (
+            {
+                "json_schema": {
+                    "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                    "$ref": "#/$defs/a",
+                }
+            },
+            "admits no further text",
+        ),
+        ({"json_schema": '{"const": NaN}'}, "NaN or Infinity"),
+        ({"json_schema": {"enum": [1, float("inf")]}}, "NaN or Infinity"),
         ({"logprobs": -1}, "logprobs must be"),
         ({"logprobs": 21}, "logprobs must be"),
     ],
@@ -280,6 +293,27 @@ def test_run_together_a_stream_ending_on_held_back_text_leaves_the_batch(engine)
     assert texts == [s.result.text for s in streams]
     assert streams[3].result.text == short.text and streams[3].result.finish_reason == "length"
     assert all(s.result.stats.completion_tokens == 10 for s in streams[:3])
+
+
+@pytest.mark.parametrize("batch_min", [None, 1])
+def test_run_together_a_stream_whose_constraint_fails_ends_alone(engine, batch_min):
+    """One stream's bad constraint is its own error; the others run to their own end, batched
+    (batch_min=1) or one after another (the default for three)."""
+    prompts = [PROMPT, "Once upon a time", "Water boils at"][: 3 if batch_min else 2]
+    alone = [engine.generate(p, max_tokens=10).token_ids for p in prompts]
+    streams = [engine.stream(p, max_tokens=10) for p in prompts]
+    streams.insert(1, engine.stream("JSON:", max_tokens=10, json_schema={"$ref": "#"}))
+    for _ in engine.run_together(streams, batch_min=batch_min):
+        pass
+    expected_batch = len(streams) if batch_min else 1
+    assert [s.result.stats.batch_size for s in streams if s.error is None] == [
+        expected_batch
+    ] * len(prompts)
+    assert isinstance(streams[1].error, InvalidParameterError) and streams[1].finished
+    with pytest.raises(InvalidParameterError, match="admits no further text"):
+        streams[1].result  # noqa: B018 (the property raises)
+    assert [s.result.token_ids for s in (streams[0], *streams[2:])] == alone
+    assert all(s.error is None for s in (streams[0], *streams[2:]))
 
 
 def test_classify_many_keeps_the_order_around_a_prompt_scored_alone(engine):

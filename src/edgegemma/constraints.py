@@ -85,6 +85,14 @@ def _schema(value: object) -> dict[str, Any]:
             raise InvalidParameterError(f"json_schema is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidParameterError(f"json_schema must be a JSON object (a dict), got {value!r}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise InvalidParameterError(
+            "json_schema holds NaN or Infinity, which no JSON text can contain"
+        ) from None
+    except (TypeError, RecursionError) as exc:
+        raise InvalidParameterError(f"json_schema is not plain JSON data: {exc}") from None
     return value
 
 
@@ -145,10 +153,21 @@ class Matcher:
             )
         self._mask = self._numpy.allocate_token_bitmask(1, vocabulary.vocab_size)
         self.kind = constraint.kind
+        self.mask()  # a constraint no text can satisfy fails here, before any token
 
     def mask(self) -> np.ndarray:
-        """The tokens allowed next (packed bits; see :data:`~edgegemma.backends.base.TokenMask`)."""
+        """The tokens allowed next (packed bits; see :data:`~edgegemma.backends.base.TokenMask`).
+
+        A matcher with no way forward (a schema that only refers to itself, say) is an error,
+        never an empty answer: llguidance reports it as stopped, like a finished one."""
         self._numpy.fill_next_token_bitmask(self._matcher, self._mask, 0)
+        if self._matcher.is_error():
+            reason = self._matcher.get_error().split("\n", 1)[0]
+            raise InvalidParameterError(
+                f"the {self.kind.replace('_', ' ')} constraint admits no further text "
+                f"(llguidance: {reason}); a schema whose definitions only refer to each other "
+                "has no finite instance"
+            )
         mask: np.ndarray = self._mask[0]
         return mask
 

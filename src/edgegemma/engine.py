@@ -307,6 +307,9 @@ class Stream(_Holder, Iterator[str]):
         # The generator writes the Result here; holding no reference back to the Stream lets
         # an abandoned stream be freed (and its lock released) as soon as the loop drops it.
         self._outcome: list[Result] = []
+        self._failure: list[EdgeGemmaError] = []
+        """What ended it inside a :class:`Together`, where its own bad input (a constraint)
+        ends it alone and the others run on."""
         self._request = request
         self._pieces: Generator[str, None, None] = engine._generate(request, self._outcome)
 
@@ -327,11 +330,19 @@ class Stream(_Holder, Iterator[str]):
 
     @property
     def finished(self) -> bool:
-        """Whether the generation has ended (:attr:`result` is there)."""
-        return bool(self._outcome)
+        """Whether the generation has ended (:attr:`result` is there, or :attr:`error`)."""
+        return bool(self._outcome or self._failure)
+
+    @property
+    def error(self) -> EdgeGemmaError | None:
+        """The error that ended it in a :func:`~Engine.run_together` (its :attr:`result`
+        raises it), or None."""
+        return self._failure[0] if self._failure else None
 
     @property
     def result(self) -> Result:
+        if self._failure:
+            raise self._failure[0]
         if not self._outcome:
             raise EdgeGemmaError("the stream has not finished; iterate it to the end first")
         return self._outcome[0]
@@ -940,8 +951,11 @@ class Engine:
         backend = self._backend
         if not backend.features.batch or len(group) < together._batch_min:
             for index in group:
-                for piece in streams[index]._pieces:
-                    yield index, piece
+                try:
+                    for piece in streams[index]._pieces:
+                        yield index, piece
+                except InvalidParameterError as exc:  # its own input: it alone ends
+                    streams[index]._failure.append(exc)
                 together._forget(index)
             return
         request = streams[group[0]]._request
@@ -966,7 +980,11 @@ class Engine:
                 for index, sequence in list(running.items()):
                     try:
                         piece = next(streams[index]._pieces)
-                    except StopIteration:  # finished, or its stream was closed
+                    except (StopIteration, InvalidParameterError) as ended:
+                        # Finished, closed, or failed on its own input (a constraint with no
+                        # way forward): it leaves the batch, the others run on.
+                        if isinstance(ended, InvalidParameterError):
+                            streams[index]._failure.append(ended)
                         sequence.finish()
                         del running[index]
                         together._forget(index)

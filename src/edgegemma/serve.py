@@ -364,6 +364,9 @@ class Server:
             for index, (run, stream) in list(live.items()):
                 if stream.finished:
                     del live[index]
+                    if stream.error is not None:  # its own failure: it alone ends with it
+                        run.put("error", stream.error)
+                        continue
                     self._record(stream.result)
                     run.put("done", stream.result)
 
@@ -732,6 +735,9 @@ def create_app(
         body: CompletionRequest, request: Request
     ) -> JSONResponse | EventSourceResponse:
         body.check_unsupported()
+        if body.stream and body.logprobs is not None:
+            # A streamed piece is text, not a token: its logprobs would not line up.
+            raise APIError(400, "logprobs are only returned with stream=false", param="logprobs")
         adapters = server.adapters_for(body)
         options = {**body.options(), "adapters": adapters, "logprobs": body.logprobs}
         prompts = body.prompts()
