@@ -132,10 +132,62 @@ class Vocabulary:
 
         source = _Source()
         source.tokens = tokens  # type: ignore[attr-defined]  # read by TokenizerWrapper
+        self.token_bytes = tokens
+        self.digit_tokens = np.array(
+            [t for t, data in enumerate(tokens) if data.isdigit() and data.isascii()],
+            dtype=np.int64,
+        )
+        """Tokens that are only ASCII digits (what a JSON number's digits are made of)."""
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.LLTokenizer(
             llguidance.TokenizerWrapper(source), n_vocab=vocab_size, eos_token=sorted(eog_ids)
         )
+
+
+MAX_NUMBER_DIGITS = {"integer": 16, "fraction": 16, "exponent": 3}
+"""Digits a JSON number may have in each part under a ``json_schema`` constraint: llama.cpp's
+schema grammar allows 16 before and 16 after the point; a float needs no more than 3 in the
+exponent. JSON itself has no bound, and a small model can repeat ``0`` until ``max_tokens``."""
+
+
+class _NumberDigits:
+    """Where the JSON text generated so far stands: in a string or not, and how many digits
+    the number being written has in its integer, fraction and exponent parts."""
+
+    def __init__(self) -> None:
+        self.in_string = self.escaped = False
+        self.part: str | None = None  # "integer", "fraction", "exponent"; None: no number
+        self.count = 0
+
+    def feed(self, data: bytes) -> None:
+        for byte in data:
+            char = chr(byte)
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string, self.part = True, None
+            elif char.isdigit():
+                if self.part is None:
+                    self.part, self.count = "integer", 0
+                self.count += 1
+            elif char == "-" and self.part is None:
+                self.part, self.count = "integer", 0
+            elif char == "." and self.part == "integer":
+                self.part, self.count = "fraction", 0
+            elif char in "eE" and self.part in ("integer", "fraction"):
+                self.part, self.count = "exponent", 0
+            elif not (char in "+-" and self.part == "exponent" and self.count == 0):
+                self.part = None
+
+    @property
+    def full(self) -> bool:
+        """Whether the number being written may take no more digits."""
+        return self.part is not None and self.count >= MAX_NUMBER_DIGITS[self.part]
 
 
 class Matcher:
@@ -153,6 +205,8 @@ class Matcher:
             )
         self._mask = self._numpy.allocate_token_bitmask(1, vocabulary.vocab_size)
         self.kind = constraint.kind
+        self._vocabulary = vocabulary
+        self._digits = _NumberDigits() if constraint.kind == "json_schema" else None
         self.mask()  # a constraint no text can satisfy fails here, before any token
 
     def mask(self) -> np.ndarray:
@@ -169,13 +223,26 @@ class Matcher:
                 "has no finite instance"
             )
         mask: np.ndarray = self._mask[0]
+        if self._digits is not None and self._digits.full:
+            self._forbid(mask, self._vocabulary.digit_tokens)
         return mask
+
+    @staticmethod
+    def _forbid(mask: np.ndarray, tokens: np.ndarray) -> None:
+        """Clear ``tokens`` in the packed ``mask``, unless nothing else would be left."""
+        words = mask.view(np.uint32)
+        kept = words.copy()
+        np.bitwise_and.at(words, tokens >> 5, ~(np.uint32(1) << (tokens & 31).astype(np.uint32)))
+        if not words.any():  # the schema itself wants more digits (a minimum, say)
+            words[:] = kept
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise InvalidParameterError(
                 f"the constraint refused token {token}: {self._matcher.get_error()}"
             )
+        if self._digits is not None:
+            self._digits.feed(self._vocabulary.token_bytes[token])
 
     @property
     def done(self) -> bool:
