@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -316,6 +318,72 @@ def test_chat_refuses_keep_and_a_broken_template(engine):
         ChatTemplate(
             "{{ messages.__class__.__mro__ }}", bos_token="", eos_token="", builtin=False
         ).render([{"role": "user", "content": "x"}])
+
+
+HOSTILE_TEMPLATES = [
+    (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "longer than 0.5 s",
+    ),
+    ("{{ lipsum(100000000) }}", "passed 100000000"),
+    ("{{ 'x' * 3000000000 }}", "repeats 1 items 3000000000 times"),
+    ("{{ ('x' * 1000000 + 'y' * 1000000) + 'z' * 1000000 }}", "joins sequences past the limit"),
+    ("{{ 10 ** (10 ** 10) }}", "raises 10 to"),
+    ("{{ 'a'.center(3000000000) }}", "passed 3000000000"),
+    ("{{ '%9999999999s' % 'a' }}", "wider than the limit"),
+    ("{{ '{:>9999999999}'.format('a') }}", "wider than the limit"),
+    ("{{ '{:>9999999999}'['format']('a') }}", "wider than the limit"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output passed 2000000 characters"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ 1e308 * 10 ** 300 }}", "Overflow|overflow|inf"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ("{{ range(1, 10, 0) | list }}", "ValueError"),
+]
+
+
+@pytest.mark.parametrize(("source", "said"), HOSTILE_TEMPLATES)
+def test_a_hostile_template_is_stopped_within_its_bounds(source, said):
+    """A model file's template is code: whatever it does, rendering ends within the time
+    limit with an InvalidParameterError, and the process keeps its memory."""
+    template = ChatTemplate(
+        source, bos_token="<bos>", eos_token="<eos>", builtin=False, time_limit_s=0.5
+    )
+    started = time.monotonic()
+    try:
+        rendered = template.render([{"role": "user", "content": "x"}])
+    except InvalidParameterError as exc:
+        assert re.search(said, str(exc)), str(exc)
+    else:  # an overflow Jinja turns into inf is harmless text
+        assert "inf" in rendered
+    assert time.monotonic() - started < 5
+
+
+def test_truncate_left_renders_the_template_a_few_times_not_once_per_turn():
+    engine, _ = _scripted(4096, "truncate_left")
+    renders = 0
+    template = engine.chat_template
+    original = type(template).render
+
+    def counting(self, *args, **kwargs):
+        nonlocal renders
+        renders += 1
+        return original(self, *args, **kwargs)
+
+    conversation = []
+    for i in range(1600):
+        conversation += [
+            {"role": "user", "content": f"q{i} " * 3},
+            {"role": "assistant", "content": "a"},
+        ]
+    conversation.append({"role": "user", "content": "last"})
+    type(template).render = counting  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        result = engine.chat(conversation, max_tokens=2)
+    finally:
+        type(template).render = original  # type: ignore[method-assign]
+    assert result.stats.prompt_tokens <= 4096 and renders <= 16
+    assert time.monotonic() - started < 30
 
 
 # -- the chat policy, exhaustively ----------------------------------------------------------

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Mapping, Sequence
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NoReturn, TypedDict
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypedDict
 
 from .errors import InvalidParameterError, ModelError
 
@@ -61,15 +67,34 @@ def _now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+TEMPLATE_TIME_LIMIT_S = 5.0
+"""Seconds a chat template may take to render one conversation."""
+TEMPLATE_MAX_CHARS = 2_000_000
+"""Characters a rendered prompt, or any string a template builds, may have (far past any
+context window: 128k tokens are about 0.5 M characters)."""
+_TEMPLATE_MAX_NUMBER = 1_000_000
+"""The largest number a template may hand to a call (a width, a count, a repeat)."""
+
+
+class TemplateLimitError(Exception):
+    """A template went past one of the limits above."""
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A compiled chat template and the special-token texts it is rendered with."""
+    """A compiled chat template and the special-token texts it is rendered with.
+
+    A template is the model file's code: it runs sandboxed, and within bounds of time
+    (``time_limit_s``) and size (``max_chars``), so that no template, however written, can
+    hang or exhaust the process rendering it."""
 
     source: str
     bos_token: str
     eos_token: str
     builtin: bool
     """Whether this is Gemma 3's template, used because the model file has none."""
+    time_limit_s: float = TEMPLATE_TIME_LIMIT_S
+    max_chars: int = TEMPLATE_MAX_CHARS
 
     def __post_init__(self) -> None:
         _compile(self.source)  # a broken template fails here, not at the first chat
@@ -78,19 +103,69 @@ class ChatTemplate:
         """The prompt text of ``messages``; a template's own refusal is an InvalidParameterError."""
         import jinja2
 
+        template = _compile(self.source)
+        context = {
+            "messages": [dict(m) for m in messages],
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_generation_prompt": add_generation_prompt,
+        }
         try:
-            return _compile(self.source).render(
-                messages=[dict(m) for m in messages],
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                add_generation_prompt=add_generation_prompt,
-            )
+            with _time_limit(self.time_limit_s):
+                pieces, size = [], 0
+                for piece in template.generate(context):
+                    size += len(piece)
+                    if size > self.max_chars:
+                        raise TemplateLimitError(f"its output passed {self.max_chars} characters")
+                    pieces.append(piece)
+                return "".join(pieces)
+        except TemplateLimitError as exc:
+            raise InvalidParameterError(f"the chat template was stopped: {exc}") from None
         except jinja2.TemplateError as exc:
             raise InvalidParameterError(f"the chat template refused the messages: {exc}") from None
-        except (TypeError, KeyError, IndexError, AttributeError) as exc:
+        except (Exception, RecursionError, MemoryError) as exc:  # noqa: BLE001 -- the template's own failure
             raise InvalidParameterError(
                 f"the chat template failed on the messages ({type(exc).__name__}: {exc})"
             ) from None
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TemplateLimitError in this thread's Python code once ``seconds`` have passed.
+
+    Rendering runs the template's compiled Python; a trace function looks at the clock
+    every few hundred lines of it (the sandbox bounds each single operation's size)."""
+    deadline = time.monotonic() + seconds
+    previous = sys.gettrace()
+    events = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal events
+        events += 1
+        if events % 256 == 0 and time.monotonic() > deadline:
+            raise TemplateLimitError(f"it took longer than {seconds:g} s")
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _check_call(obj: Any, args: Sequence[Any]) -> None:
+    """Refuse a call from a template whose arguments could build something huge."""
+    for value in args:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if abs(value) > _TEMPLATE_MAX_NUMBER:
+                raise TemplateLimitError(
+                    f"it passed {value!r} to {getattr(obj, '__name__', obj)!r}"
+                )
+        elif isinstance(value, str) and _WIDE_FORMAT.search(value):
+            raise TemplateLimitError("it formats a field wider than the limit")
+    owner = getattr(obj, "__self__", None)
+    if isinstance(owner, str) and _WIDE_FORMAT.search(owner):  # "{:>9999999}".format(...)
+        raise TemplateLimitError("it formats a field wider than the limit")
 
 
 @cache
@@ -100,9 +175,33 @@ def _compile(source: str) -> jinja2.Template:
     import jinja2.ext
     import jinja2.sandbox
 
-    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    class BoundedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        """The sandbox, with each operation that could build something huge checked first."""
+
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            if isinstance(obj, str) and attribute in ("format", "format_map"):
+                _check_call(obj, [obj])  # the sandbox wraps str.format: check its text here
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj: Any, argument: Any) -> Any:
+            if isinstance(obj, str) and argument in ("format", "format_map"):
+                _check_call(obj, [obj])
+            return super().getitem(obj, argument)
+
+        def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+            _check_call(obj, [*args, *kwargs.values()])
+            return super().call(context, obj, *args, **kwargs)
+
+    environment = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    environment.globals.pop("lipsum", None)  # text generation for demos: lipsum(1e8) hangs
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise
     environment.globals["strftime_now"] = _now
@@ -112,6 +211,32 @@ def _compile(source: str) -> jinja2.Template:
         raise InvalidParameterError(
             f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message})"
         ) from None
+
+
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*\d{7,}|\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
+"""A printf or str.format field a million characters wide or more."""
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse a template operation whose result would pass the limits, before it runs."""
+    sized = (str, list, tuple)
+    numbers = (int, float)
+    if operator == "*":
+        for sequence, count in ((left, right), (right, left)):
+            if (
+                isinstance(sequence, sized)
+                and isinstance(count, int)
+                and len(sequence) * count > TEMPLATE_MAX_CHARS
+            ):
+                raise TemplateLimitError(f"it repeats {len(sequence)} items {count} times")
+    elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+        if len(left) + len(right) > TEMPLATE_MAX_CHARS:
+            raise TemplateLimitError("it joins sequences past the limit")
+    elif operator == "**" and isinstance(left, numbers) and isinstance(right, numbers):
+        if abs(right) > 1024 or (abs(left) > 2 and abs(right) * math.log2(abs(left)) > 4096):
+            raise TemplateLimitError(f"it raises {left!r} to {right!r}")
+    elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
+        raise TemplateLimitError("it formats a field wider than the limit")
 
 
 def check_messages(messages: object) -> list[Message]:

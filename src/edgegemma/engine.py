@@ -1153,10 +1153,7 @@ class Engine:
             budget = self.n_ctx - (max_tokens if max_tokens is not None else 1)
             if len(ids) > budget:
                 full = len(ids)
-                for count in droppable_turns(conversation):
-                    ids = self._chat_ids(without_turns(conversation, count))
-                    if len(ids) <= budget:
-                        break
+                ids = self._fewest_dropped(conversation, budget) or ids
                 if len(ids) > budget:
                     raise ContextOverflowError(
                         f"the conversation does not fit the context window even with its old "
@@ -1173,6 +1170,28 @@ class Engine:
         stream = self.stream(ids, **options, keep=self._system_prefix(conversation))
         stream._request.dropped = dropped
         return stream
+
+    def _fewest_dropped(self, conversation: list[Message], budget: int) -> list[int] | None:
+        """The prompt of ``conversation`` with the fewest old turns dropped that fits
+        ``budget`` tokens, else with all droppable turns dropped (None if none can be).
+
+        Dropping more turns never lengthens the prompt, so the count is found by bisection:
+        a few renders of the template, not one per turn (1,600 turns took 48 s that way)."""
+        counts = droppable_turns(conversation)
+        if not counts:
+            return None
+        low, high = 0, len(counts) - 1
+        best = self._chat_ids(without_turns(conversation, counts[high]))
+        if len(best) > budget:
+            return best
+        while low < high:
+            middle = (low + high) // 2
+            ids = self._chat_ids(without_turns(conversation, counts[middle]))
+            if len(ids) <= budget:
+                best, high = ids, middle
+            else:
+                low = middle + 1
+        return best
 
     def _chat_ids(self, conversation: list[Message]) -> list[int]:
         ids = self.tokenize(self.chat_template.render(conversation), add_bos=False)
