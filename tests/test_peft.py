@@ -127,6 +127,14 @@ def test_adapter_name_in_tensor_keys_is_accepted(tmp_path):
         ({"r": 0}, "rank"),
         ({"r": 8}, "config says 8"),
         ({"lora_alpha": "big"}, "lora_alpha"),
+        ({"lora_alpha": 1e300}, "lora_alpha must be a finite number of magnitude at most"),
+        ({"r": 10**9}, "no valid rank"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank from 1"),
+        ({"rank_pattern": {"q_proj": "4"}}, "rank from 1"),
+        ({"rank_pattern": ["q_proj"]}, "must map module patterns"),
+        ({"alpha_pattern": {"(": 4}}, "invalid pattern"),
+        ({"alpha_pattern": {"q_proj": 1e300}}, "magnitude at most"),
+        ({"alpha_pattern": {"q_proj": None}}, "magnitude at most"),
     ],
 )
 def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, changes, message):
@@ -147,6 +155,23 @@ def test_broken_weights_are_refused(tmp_path):
         read_peft(folder)
     (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(AdapterError, match="not found"):
+        read_peft(folder)
+
+
+@pytest.mark.parametrize("shape", [None, [-4, 8], [4.0, 8], [True, 8], "4x8", [1] * 9])
+def test_malformed_tensor_shapes_are_refused(tmp_path, shape):
+    folder = write_peft(tmp_path / "a", _weights(), alpha=8)
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"] = shape
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    (folder / WEIGHTS_FILE).write_bytes(
+        struct.pack("<Q", len(encoded)) + encoded + data[8 + size :]
+    )
+    with pytest.raises(AdapterError, match="malformed shape"):
         read_peft(folder)
 
 

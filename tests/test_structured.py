@@ -168,6 +168,20 @@ def test_an_unfinishable_constraint_says_so(opened, backend):
     assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
 
 
+@pytest.mark.parametrize("backend", LOGITS)
+def test_thousands_of_choices_and_choices_with_regex_characters(opened, backend):
+    """Choices are one regular expression: 5,000 of them (a grammar of alternatives stopped
+    at 2,000 mid-generation), and choices that are themselves regex syntax, taken literally."""
+    engine, _ = opened
+    many = [f"c{i}" for i in range(5000)]
+    assert engine.generate("Pick:", choices=many, max_tokens=8).text in many
+    for literal in ["x.y", "(p|q)", "a\\b", "[]{}^$", " spaced", "émoji 🎉"]:
+        assert engine.generate(f"Say {literal}:", choices=[literal, "zz"], max_tokens=12).text in (
+            literal,
+            "zz",
+        )
+
+
 READING_SCHEMA = {
     "type": "object",
     "properties": {"status": {"enum": ["ok", "warning", "critical"]}, "temp": {"type": "number"}},
@@ -233,6 +247,7 @@ def test_number_digits_are_counted_outside_strings_only():
         ),
         ({"json_schema": '{"const": NaN}'}, "NaN or Infinity"),
         ({"json_schema": {"enum": [1, float("inf")]}}, "NaN or Infinity"),
+        ({"choices": [f"c{i}" for i in range(20_001)]}, "at most 20000"),
         ({"logprobs": -1}, "logprobs must be"),
         ({"logprobs": 21}, "logprobs must be"),
     ],

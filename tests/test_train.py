@@ -120,6 +120,12 @@ def test_loss_is_taken_on_the_completion_and_eos_only():
         ('{"prompt": "a", "completion": ""}\n', "completion is empty"),
         ("not json\n", ":1: not valid JSON"),
         ("\n\n", "holds no examples"),
+        (
+            '{"prompt": "a", "completion": "b"}\n{"prompt": "\\ud800", "completion": "b"}\n',
+            ":2: a string holds a lone surrogate",
+        ),
+        ("[" * 100_000 + "]" * 100_000 + "\n", ":1: nested more than 64 levels"),
+        ('{"prompt": NaN, "completion": "b"}\n', "NaN is not JSON"),
     ],
 )
 def test_bad_data_is_refused_with_the_line(content, message, tmp_path):
@@ -127,6 +133,21 @@ def test_bad_data_is_refused_with_the_line(content, message, tmp_path):
     path.write_text(content)
     with pytest.raises(InvalidParameterError, match=message):
         train.read_examples(path)
+
+
+def test_line_separators_inside_strings_are_text_not_line_ends(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid inside JSON strings (str.splitlines split on them)."""
+    path = tmp_path / "data.jsonl"
+    seps = ("\u2028", "\u2029", "\x85", "\x0c")
+    lines = [{"prompt": f"a{sep}b", "completion": f"c{sep}"} for sep in seps]
+    path.write_text(
+        "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n",
+        encoding="utf-8",
+    )
+    examples = train.read_examples(path)
+    assert [(e.prompt, e.completion) for e in examples] == [
+        (d["prompt"], d["completion"]) for d in lines
+    ]
 
 
 @pytest.mark.parametrize(

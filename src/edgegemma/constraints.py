@@ -50,8 +50,15 @@ def make_constraint(
             )
         if not all(isinstance(c, str) and c for c in choices):
             raise InvalidParameterError("every choice must be a non-empty string")
-        lark = "start: " + " | ".join(json.dumps(c) for c in dict.fromkeys(choices))
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        if len(choices) > MAX_CHOICES:
+            raise InvalidParameterError(
+                f"{len(choices)} choices: at most {MAX_CHOICES} (classify takes a label set "
+                "of any size, scored in one pass)"
+            )
+        # One regular expression, which llguidance's lexer compiles to an automaton: as a
+        # grammar of alternatives its parser stopped at 2,000 mid-generation.
+        alternatives = "|".join(_regex_literal(c) for c in dict.fromkeys(choices))
+        grammar = llguidance.LLMatcher.grammar_from_regex(f"({alternatives})")
     elif kind == "regex":
         if not isinstance(regex, str) or not regex:
             raise InvalidParameterError(f"regex must be a non-empty string, got {regex!r}")
@@ -75,6 +82,16 @@ def make_constraint(
     if problem and not problem.startswith("WARNING"):
         raise InvalidParameterError(f"the {kind.replace('_', ' ')} cannot be used: {problem}")
     return Constraint(kind, grammar)
+
+
+MAX_CHOICES = 20_000
+"""The most ``choices`` a constraint takes."""
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` as a regular expression matching exactly it (Rust regex syntax)."""
+    return "".join(f"\\{c}" if c in _REGEX_META else c for c in text)
 
 
 def _schema(value: object) -> dict[str, Any]:

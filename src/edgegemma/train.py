@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeGemmaError, InvalidParameterError
+from .jsonl import parse_lines
 
 TARGET_MODULES = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -89,7 +90,7 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
     if source.exists() and not source.is_file():
         raise InvalidParameterError(f"training data must be a JSONL file, and {source} is not one")
     try:
-        lines = source.read_text(encoding="utf-8").splitlines()
+        text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InvalidParameterError(f"training data not found: {source}") from None
     except UnicodeDecodeError as exc:
@@ -97,13 +98,7 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
     except OSError as exc:
         raise InvalidParameterError(f"cannot read {source}: {exc.strerror}") from None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise InvalidParameterError(f"{source}:{number}: not valid JSON ({exc})") from None
+    for number, record in parse_lines(text, str(source)):
         if not isinstance(record, dict) or not all(
             isinstance(record.get(key), str) for key in ("prompt", "completion")
         ):

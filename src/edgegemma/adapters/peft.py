@@ -33,6 +33,11 @@ _DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype("<u2"),
 }
 _MAX_HEADER = 100 << 20
+_MAX_DIMS = 8
+_MAX_RANK = 4096
+_MAX_ALPHA = 1e6
+"""Beyond this an alpha scales B past what float32 holds once multiplied out: a broken
+config, never a trained one (ranks are up to a few hundred, alphas up to a few thousand)."""
 _T = TypeVar("_T")
 
 
@@ -180,6 +185,17 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             dtype_name, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise AdapterError(f"{path}: malformed entry for tensor {name!r}") from None
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= _MAX_DIMS
+            and all(_is_count(d) for d in shape)
+            and _is_count(start)
+            and _is_count(end)
+        ):
+            raise AdapterError(
+                f"{path}: tensor {name!r} has a malformed shape {shape!r} or offsets "
+                f"{[start, end]!r} (counts must be non-negative integers)"
+            )
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise AdapterError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
@@ -247,12 +263,53 @@ def _read_config(folder: Path) -> dict:
             f"{folder.name} trains biases (bias={config['bias']!r}), which edgegemma cannot convert"
         )
     rank = config.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise AdapterError(f"{folder.name}: {CONFIG_FILE} has no valid rank r ({rank!r})")
+    if not (isinstance(rank, int) and _is_count(rank) and 1 <= rank <= _MAX_RANK):
+        raise AdapterError(
+            f"{folder.name}: {CONFIG_FILE} has no valid rank r ({rank!r}; 1 to {_MAX_RANK})"
+        )
     alpha = config.get("lora_alpha", rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterError(f"{folder.name}: lora_alpha must be a finite number, got {alpha!r}")
+    if not _is_alpha(alpha):
+        raise AdapterError(
+            f"{folder.name}: lora_alpha must be a finite number of magnitude at most "
+            f"{_MAX_ALPHA:g}, got {alpha!r}"
+        )
+    _check_patterns(folder, config, "rank_pattern", rank=True)
+    _check_patterns(folder, config, "alpha_pattern", rank=False)
     return config
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_patterns(folder: Path, config: dict, key: str, *, rank: bool) -> None:
+    """PEFT's ``rank_pattern``/``alpha_pattern``: regular expressions to a rank or an alpha."""
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{folder.name}: {key} must map module patterns to values")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError):
+            raise AdapterError(f"{folder.name}: {key} has an invalid pattern {pattern!r}") from None
+        if rank and not (isinstance(value, int) and _is_count(value) and 1 <= value <= _MAX_RANK):
+            raise AdapterError(
+                f"{folder.name}: {key}[{pattern!r}] must be a rank from 1 to {_MAX_RANK}, got {value!r}"
+            )
+        if not rank and not _is_alpha(value):
+            raise AdapterError(
+                f"{folder.name}: {key}[{pattern!r}] must be a number of magnitude at most "
+                f"{_MAX_ALPHA:g}, got {value!r}"
+            )
+
+
+def _is_alpha(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= _MAX_ALPHA
+    )
 
 
 def _pattern_value(patterns: Mapping[str, _T], module: str, default: _T) -> _T:

@@ -20,7 +20,6 @@ file stem (``sensor``).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import InvalidParameterError
+from ..jsonl import parse_lines
 
 DEFAULT_TASK_MAX_TOKENS = 4
 DEFAULT_TASK_STOP = ("\n",)
@@ -117,9 +117,7 @@ def load_task(spec: str, *, limit: int | None = None) -> Task:
         raise InvalidParameterError(
             f"no task workload {spec!r}: give a .jsonl path or one of {', '.join(shipped_tasks())}"
         )
-    examples = tuple(
-        _parse_line(spec, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()
-    )
+    examples = tuple(_parse_row(spec, n, row) for n, row in parse_lines(text, spec))
     if not examples:
         raise InvalidParameterError(f"task workload {spec} has no examples")
     answers = sorted({normalize_label(e.expected) for e in examples})
@@ -129,12 +127,8 @@ def load_task(spec: str, *, limit: int | None = None) -> Task:
     return Task(name=name, source=spec, examples=examples, labels=labels)
 
 
-def _parse_line(spec: str, number: int, line: str) -> TaskExample:
+def _parse_row(spec: str, number: int, row: object) -> TaskExample:
     where = f"{spec} line {number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidParameterError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(row, dict):
         raise InvalidParameterError(f"{where} must be a JSON object")
     prompt, expected = row.get("prompt"), row.get("expected", row.get("completion"))

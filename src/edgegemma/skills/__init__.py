@@ -24,7 +24,6 @@ the other backends' files from the PEFT adapter on first use.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidParameterError
+from ..jsonl import parse_lines
 from . import emoji, sensor
 
 if TYPE_CHECKING:
@@ -169,8 +169,7 @@ def examples(skill: str, split: str) -> list[Example]:
         raise InvalidParameterError(f"split must be 'train' or 'test', got {split!r}")
     path = DATA / _skill(skill).name / f"{split}.jsonl"
     found = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for _, record in parse_lines(path.read_text(encoding="utf-8"), str(path)):
         found.append(
             Example(
                 input=record["input"],
