@@ -786,3 +786,36 @@ def test_streamed_completions_refuse_logprobs_instead_of_sending_null(guarded):
         f"{guarded.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
     )
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "logprobs"
+
+
+def _leave_after(served: Served, body: dict, seconds: float) -> None:
+    """Send a non-streamed request, then close the connection without reading the answer."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(data) + data
+        )
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("prompts", [1, 50])
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(guarded, prompts):
+    """Watched from the start: the generation running is cancelled at its next token and the
+    request's later prompts never start (before, a lone request ran to its end)."""
+    before = guarded.health()["generations"]
+    body = {
+        "model": NAME,
+        "prompt": [PROMPT] * prompts if prompts > 1 else PROMPT,
+        "max_tokens": 600,
+    }
+    _leave_after(guarded, body, 1.0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = guarded.health()["generations"]
+        if after.get("cancelled", 0) > before.get("cancelled", 0):
+            break
+        time.sleep(0.2)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert sum(after.values()) - sum(before.values()) == 1, "no later prompt started"

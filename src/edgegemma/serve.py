@@ -434,13 +434,11 @@ class Server:
             return request.adapters
         return ENGINE_ADAPTERS
 
-    async def start(
-        self, make: Callable[[], Stream], *, pieces: bool
-    ) -> tuple[_Run, str | Result | None]:
-        """Start a generation and wait for its first piece (or its Result), so that a request
-        the engine refuses is answered with an error status before any of the response is
-        sent."""
-        run = _Run(self, make, pieces=pieces)
+    async def start(self, make: Callable[[], Stream]) -> tuple[_Run, str | Result | None]:
+        """Start a streamed generation and wait for its first piece (or its Result), so that
+        a request the engine refuses is answered with an error status before any of the
+        response is sent."""
+        run = _Run(self, make, pieces=True)
         try:
             first = await run.next()
         except EdgeGemmaError as exc:
@@ -451,29 +449,44 @@ class Server:
         return run, first
 
 
-async def _collect(run: _Run, first: str | Result | None, request: Request) -> Result:
-    """The Result of a generation whose client waits for the whole answer; the generation is
-    cancelled if the client disconnects."""
+async def _collect(
+    server: Server, makes: Sequence[Callable[[], Stream]], request: Request
+) -> list[Result]:
+    """The Results of generations whose client waits for the whole answer, run one after
+    another. From the start a client that disconnects cancels the one running (at its next
+    token), and those after it never start."""
+    left = asyncio.Event()
+    running: list[_Run] = []
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        run.cancel()
+        left.set()
+        for run in running:
+            run.cancel()
 
     watcher = asyncio.create_task(watch())
+    results = []
     try:
-        item = first
-        while not isinstance(item, Result):
-            if item is None:
+        for make in makes:
+            if left.is_set():
                 raise APIError(499, "the client closed the request", code="cancelled")
+            run = _Run(server, make, pieces=False)
+            running[:] = [run]
             try:
                 item = await run.next()
+                while not isinstance(item, Result):
+                    if item is None:
+                        raise APIError(499, "the client closed the request", code="cancelled")
+                    item = await run.next()
             except EdgeGemmaError as exc:
                 raise _api_error(exc) from None
-        return item
+            finally:
+                await run.finish()
+            results.append(item)
+        return results
     finally:
         watcher.cancel()
-        await run.finish()
 
 
 def _usage(results: Sequence[Result]) -> dict[str, int]:
@@ -755,9 +768,7 @@ def create_app(
             }
 
         if body.stream:
-            run, first = await server.start(
-                lambda: engine.stream(prompts[0], **options), pieces=True
-            )
+            run, first = await server.start(lambda: engine.stream(prompts[0], **options))
 
             async def events() -> AsyncIterator[dict[str, Any] | str]:
                 async for kind, value in _stream_items(run, first):
@@ -775,13 +786,11 @@ def create_app(
 
             return EventSourceResponse(events(), ping=15)
 
-        results = []
-        for prompt in prompts:
-            run, first = await server.start(
-                lambda prompt=prompt: engine.stream(prompt, **options),  # type: ignore[misc]
-                pieces=False,
-            )
-            results.append(await _collect(run, first, request))
+        results = await _collect(
+            server,
+            [lambda prompt=prompt: engine.stream(prompt, **options) for prompt in prompts],  # type: ignore[misc]
+            request,
+        )
         return JSONResponse(
             {
                 "id": ident,
@@ -814,11 +823,8 @@ def create_app(
             raise APIError(400, "logprobs are only returned with stream=false", param="logprobs")
         messages: list[Any] = [m.model_dump(exclude_none=True) for m in body.messages]
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        run, first = await server.start(
-            lambda: engine.stream_chat(messages, **options), pieces=body.stream
-        )
-
         if body.stream:
+            run, first = await server.start(lambda: engine.stream_chat(messages, **options))
 
             def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
                 return {
@@ -849,7 +855,9 @@ def create_app(
 
             return EventSourceResponse(events(), ping=15)
 
-        result = await _collect(run, first, request)
+        [result] = await _collect(
+            server, [lambda: engine.stream_chat(messages, **options)], request
+        )
         return JSONResponse(
             {
                 "id": ident,
