@@ -819,3 +819,41 @@ def test_a_client_that_leaves_a_non_streamed_request_cancels_it(guarded, prompts
         time.sleep(0.2)
     assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
     assert sum(after.values()) - sum(before.values()) == 1, "no later prompt started"
+
+
+def test_bodies_trickling_in_from_many_clients_are_bounded_together(tmp_path, gguf_path):
+    """Each body is under the limit, but together they may hold at most 16 bodies' worth:
+    the rest get 503 and the server stays up and answers afterwards."""
+    served = start_server(
+        tmp_path, "--model", str(gguf_path), "--n-ctx", "256", "--max-body-bytes", "1000",
+        "--body-timeout", "20", "--name", NAME,
+    )  # fmt: skip
+    port = int(served.url.rsplit(":", 1)[1])
+    sockets = []
+    try:
+        for _ in range(24):
+            raw = socket.create_connection(("127.0.0.1", port))
+            raw.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b" " * 900
+            )
+            sockets.append(raw)
+        time.sleep(1.0)
+        busy = 0
+        for raw in sockets:
+            raw.settimeout(0.2)
+            try:
+                busy += raw.recv(100).startswith(b"HTTP/1.1 503")
+            except TimeoutError:
+                pass  # still receiving: within the bound
+        assert 24 - 17 <= busy <= 24 - 16
+    finally:
+        for raw in sockets:
+            raw.close()
+        answer = httpx.post(
+            f"{served.url}/v1/completions",
+            json={"model": NAME, "prompt": PROMPT, "max_tokens": 2},
+            timeout=60,
+        )
+        stop_server(served)
+    assert answer.status_code == 200

@@ -590,47 +590,42 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+PENDING_BODIES = 16
+"""How many full-size request bodies the server holds while they arrive, all clients
+together: past that, a body is refused with 503 instead of growing memory without bound
+(300 clients trickling 1 MB each held 300 MB)."""
+
+
 class BodyLimit:
     """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a
-    Content-Length, and bodies not sent whole within ``timeout`` seconds with 408. The body
-    is read here, so the application never holds more than that, nor waits for it forever."""
+    Content-Length, bodies not sent whole within ``timeout`` seconds with 408, and bodies
+    that would take the bytes received but not yet complete, all requests together, past
+    ``PENDING_BODIES`` times ``limit`` with 503. The body is read here, so the application
+    never holds more than that, nor waits for it forever."""
 
     def __init__(self, app: ASGIApp, limit: int, timeout: float = BODY_TIMEOUT_S):
         self.app, self.limit, self.timeout = app, limit, timeout
+        self.pending = 0
+        """Bytes of bodies still arriving (one event loop: no lock needed)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = APIError(
-            413, f"the request body is larger than {self.limit} bytes", code="request_too_large"
-        ).response()
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
+            too_large = APIError(
+                413, f"the request body is larger than {self.limit} bytes",
+                code="request_too_large",
+            ).response()  # fmt: skip
             await too_large(scope, receive, send)
             return
-        chunks, size = [], 0
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                slow = APIError(
-                    408, f"the request body did not arrive within {self.timeout:g} s",
-                    code="request_timeout",
-                ).response()  # fmt: skip
-                await slow(scope, receive, send)
+        chunks: list[bytes] = []
+        try:
+            if not await self._receive_body(scope, receive, send, chunks):
                 return
-            if message["type"] != "http.request":
-                return  # the client left before it finished sending
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        finally:
+            self.pending -= sum(len(c) for c in chunks)
         replayed = False
 
         async def replay() -> Message:
@@ -641,6 +636,44 @@ class BodyLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _receive_body(
+        self, scope: Scope, receive: Receive, send: Send, chunks: list[bytes]
+    ) -> bool:
+        """Read the body into ``chunks``; False after answering a refusal (or a client gone)."""
+        too_large = APIError(
+            413, f"the request body is larger than {self.limit} bytes", code="request_too_large"
+        ).response()
+        size = 0
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                slow = APIError(
+                    408, f"the request body did not arrive within {self.timeout:g} s",
+                    code="request_timeout",
+                ).response()  # fmt: skip
+                await slow(scope, receive, send)
+                return False
+            if message["type"] != "http.request":
+                return False  # the client left before it finished sending
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return False
+            if self.pending + len(chunk) > PENDING_BODIES * self.limit:
+                busy = APIError(
+                    503, "the server is receiving too many request bodies; retry",
+                    kind="server_error", code="server_busy",
+                ).response()  # fmt: skip
+                await busy(scope, receive, send)
+                return False
+            self.pending += len(chunk)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return True
 
 
 def create_app(
