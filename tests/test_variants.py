@@ -56,6 +56,19 @@ def test_the_default_variant_is_built_from_the_pin_and_matches_the_lock(default_
     assert [r.status for r in models.verify(DEFAULT)] == ["ok"]
 
 
+def test_variants_built_anew_match_their_pins(tmp_path, monkeypatch):
+    """Built in a fresh cache (the embedding quantized a slice at a time, spliced in after
+    llama.cpp's quantizer did the layers, in a process of its own): the very bytes
+    models.lock pins."""
+    monkeypatch.setenv("EDGEGEMMA_HOME", str(tmp_path))
+    for name in (DEFAULT, "gemma3-270m-embed-q4_0"):
+        path = models.fetch(name)  # IntegrityError unless the sha256 is the pinned one
+        assert path.is_relative_to(tmp_path)
+        assert (
+            read_manifest(path.parent)["files"][FILE]["sha256"] == models.read_lock()[name].sha256
+        )
+
+
 def test_load_runs_the_default_variant_on_llamacpp_and_the_pin_elsewhere(default_path, gguf_path):
     assert models.default_model() == models.default_model("llamacpp") == DEFAULT
     assert models.default_model("onnx") == models.default_model("mediapipe") == "gemma3-270m"

@@ -64,6 +64,11 @@ class GGUFHeader:
     metadata: dict[str, Any]
     """Key/value metadata; long arrays are replaced by ``("array", length)``."""
     tensors: dict[str, TensorInfo]
+    """In the file's order."""
+    infos_start: int = 0
+    """Where the tensor infos begin: what comes before (magic, counts, metadata) is the
+    header proper."""
+    alignment: int = 32
 
     @property
     def architecture(self) -> str:
@@ -137,6 +142,7 @@ class _Parser:
         for _ in range(n_kv):
             key = self.string()
             metadata[key] = self.value(self.scalar("<I"))
+        infos_start = self.pos
         infos = [self.tensor_info() for _ in range(n_tensors)]
         alignment = metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -154,7 +160,7 @@ class _Parser:
             if name in tensors:
                 raise self.fail(f"tensor {name} appears twice")
             tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
-        return GGUFHeader(self.path, version, metadata, tensors)
+        return GGUFHeader(self.path, version, metadata, tensors, infos_start, alignment)
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > self.size:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+import struct
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,32 @@ def build_gguf(
         raise ConversionError(f"GGUF file not found: {gguf_path}")
     checked = gguf_options(options["quant"], _embedding(options), options.get("importance"))
     key = build_key(sha256_file(gguf_path), checked)
+    say = progress or (lambda _message: None)
     folder = cached_build(
-        KIND, key, lambda out: quantize(gguf_path, out / FILE, checked), progress=progress
+        KIND,
+        key,
+        lambda out: _in_own_process(gguf_path, out / FILE, checked, say),
+        progress=progress,
     )
     return folder / FILE
+
+
+def _in_own_process(source: Path, out: Path, options: Mapping[str, str], say: Progress) -> None:
+    """:func:`quantize` in a child process: what it maps and allocates is given back when it
+    ends, and the peak memory a later generation reports is the generation's own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        peak = pool.submit(_quantize_measured, source, out, dict(options)).result()
+    say(f"{KIND}: the build peaked at {peak:.0f} MiB in its own process")
+
+
+def _quantize_measured(source: Path, out: Path, options: Mapping[str, str]) -> float:
+    from .memory import peak_rss_mb
+
+    quantize(source, out, options)
+    return peak_rss_mb()
 
 
 def build_key(source_sha256: str, options: Mapping[str, str]) -> dict[str, str]:
@@ -79,61 +103,142 @@ def cpu_architecture() -> str:
 
 
 def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:
-    """Write ``source`` requantized with ``options`` to ``out`` (llama.cpp's quantizer)."""
+    """Write ``source`` requantized with ``options`` to ``out`` (llama.cpp's quantizer).
+
+    An embedding of a named type is not left to ``llama_model_quantize``, which converts a
+    whole tensor to float32 before quantizing it: Gemma's 262k-row embedding is 671 MB so
+    for 270M, GBs for the larger models, and the first run of the default took 1 GB. The
+    quantizer copies it as stored; it is then quantized a slice of rows at a time, with the
+    very ggml function the quantizer calls (rows are independent, so the bytes are the
+    same), and spliced in."""
+    embedding = _embedding(options)
+    if embedding is None:
+        _llama_quantize(source, out, options["quant"], None)
+        return
+    import llama_cpp as ll
+
+    stored = read_header(source).tensors[_EMBEDDING]
+    layers = out.with_name(out.name + ".layers")
+    try:
+        _llama_quantize(source, layers, options["quant"], int(stored.type))
+        weights = importance.load(options["importance"]) if options.get("importance") else None
+        _splice_embedding(
+            source, layers, out, getattr(ll, f"GGML_TYPE_{embedding.upper()}"), weights
+        )
+    finally:
+        layers.unlink(missing_ok=True)
+
+
+def _llama_quantize(source: Path, out: Path, quant: str, embedding_type: int | None) -> None:
     import llama_cpp as ll
 
     params = ll.llama_model_quantize_default_params()
-    params.ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{options['quant'].upper()}")
+    params.ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.allow_requantize = True
     params.nthread = default_threads()
-    embedding = _embedding(options)
-    if embedding is not None:
+    if embedding_type is not None:
         # Gemma ties the output matrix to the embedding: both settings name the one tensor.
-        ggml_type = getattr(ll, f"GGML_TYPE_{embedding.upper()}")
-        params.token_embedding_type = ggml_type
-        params.output_tensor_type = ggml_type
+        params.token_embedding_type = embedding_type
+        params.output_tensor_type = embedding_type
     with captured_stderr() as log:
         status = ll.llama_model_quantize(
             str(source).encode(), str(out).encode(), ctypes.byref(params)
         )
     if status != 0:
         raise ConversionError(
-            f"llama.cpp could not quantize {source.name} with {dict(options)}: {log()[-500:]}"
+            f"llama.cpp could not quantize {source.name} to {quant}: {log()[-500:]}"
         )
-    if options.get("importance"):  # gguf_options() allows it only with an embedding type
-        _requantize_embedding(source, out, importance.load(options["importance"]))
 
 
 _EMBEDDING = "token_embd.weight"
 _ROWS_PER_TASK = 8192
 
 
-def _requantize_embedding(source: Path, out: Path, weights: np.ndarray) -> None:
-    """Quantize ``source``'s embedding again into ``out``'s, weighting columns by ``weights``."""
-    from gguf.quants import dequantize
+def _splice_embedding(
+    source: Path, layers: Path, out: Path, ggml_type: int, weights: np.ndarray | None
+) -> None:
+    """Write ``layers`` (a GGUF) to ``out`` with its embedding quantized anew to ``ggml_type``
+    from ``source``'s values, weighted by ``weights``: the layout llama.cpp's writer gives
+    (the same header and metadata, tensors in order, each aligned)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    stored, made = read_header(source).tensors[_EMBEDDING], read_header(out).tensors[_EMBEDDING]
-    columns, rows = made.shape
-    if weights.shape != (columns,):
+    header = read_header(layers)
+    stored = read_header(source).tensors[_EMBEDDING]
+    columns, rows = stored.shape
+    if weights is not None and weights.shape != (columns,):
         raise ConversionError(
             f"importance weights have {weights.size} columns; {source.name}'s embedding has "
             f"{columns}"
         )
-    raw = np.fromfile(source, dtype=np.uint8, count=stored.nbytes, offset=stored.offset)
-    raw = raw.reshape(rows, -1)
-    quantized = np.empty((rows, made.nbytes // rows), dtype=np.uint8)
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    new_nbytes = rows * (columns // block) * block_bytes
+    align = header.alignment
 
-    def task(first: int) -> None:
-        # A slice at a time: the whole embedding as float32 would be 4x the file's size.
-        values = dequantize(raw[first : first + _ROWS_PER_TASK], stored.type)
-        quantized[first : first + _ROWS_PER_TASK] = quantize_rows(values, made.type, weights)
+    def pad(size: int) -> int:
+        return -size % align
 
-    # Rows are quantized independently, so the bytes do not depend on the thread count.
-    with ThreadPoolExecutor(default_threads()) as pool:
-        list(pool.map(task, range(0, rows, _ROWS_PER_TASK)))
-    with open(out, "r+b") as f:
-        f.seek(made.offset)
-        f.write(quantized.data)
+    with open(layers, "rb") as reading, open(out, "wb") as writing:
+        writing.write(reading.read(header.infos_start))
+        offset = 0
+        for tensor in header.tensors.values():
+            spliced = tensor.name == _EMBEDDING
+            name = tensor.name.encode()
+            writing.write(struct.pack("<Q", len(name)) + name)
+            writing.write(struct.pack("<I", len(tensor.shape)))
+            writing.write(struct.pack(f"<{len(tensor.shape)}Q", *tensor.shape))
+            writing.write(struct.pack("<IQ", ggml_type if spliced else int(tensor.type), offset))
+            nbytes = new_nbytes if spliced else tensor.nbytes
+            offset += nbytes + pad(nbytes)
+        writing.write(b"\0" * pad(writing.tell()))
+        for tensor in header.tensors.values():
+            if tensor.name == _EMBEDDING:
+                writing.writelines(_quantized_rows(source, stored, ggml_type, weights))
+                nbytes = new_nbytes
+            else:
+                reading.seek(tensor.offset)
+                remaining = tensor.nbytes
+                while remaining:
+                    chunk = reading.read(min(_COPY_CHUNK, remaining))
+                    writing.write(chunk)
+                    remaining -= len(chunk)
+                nbytes = tensor.nbytes
+            writing.write(b"\0" * pad(nbytes))
+
+
+_COPY_CHUNK = 16 << 20
+
+
+def _quantized_rows(
+    source: Path, stored: Any, ggml_type: int, weights: np.ndarray | None
+) -> Iterator[bytes]:
+    """The rows of ``source``'s embedding quantized to ``ggml_type``, a few thousand rows at
+    a time (each slice dequantized on its own: float32 of the whole would be 4x the file)."""
+    from gguf.quants import dequantize
+
+    rows = stored.shape[1]
+    row_bytes = stored.nbytes // rows
+
+    def task(first: int) -> bytes:
+        count = min(_ROWS_PER_TASK, rows - first)
+        raw = np.fromfile(
+            source,
+            dtype=np.uint8,
+            count=count * row_bytes,
+            offset=stored.offset + first * row_bytes,
+        ).reshape(count, row_bytes)
+        return quantize_rows(dequantize(raw, stored.type), ggml_type, weights).tobytes()
+
+    # Rows are quantized independently, so the bytes do not depend on the threads. A few
+    # slices are in flight at a time, written in order as they finish.
+    threads = default_threads()
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[bytes]] = deque()
+        for first in range(0, rows, _ROWS_PER_TASK):
+            pending.append(pool.submit(task, first))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def quantize_rows(values: np.ndarray, ggml_type: int, weights: np.ndarray | None) -> np.ndarray:
