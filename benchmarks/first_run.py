@@ -25,7 +25,15 @@ from typing import Any
 
 import psutil
 
-COMMAND = ["-m", "edgegemma", "generate", "The capital of France is", "--max-tokens", "24", "--stats"]
+COMMAND = [
+    "-m",
+    "edgegemma",
+    "generate",
+    "The capital of France is",
+    "--max-tokens",
+    "24",
+    "--stats",
+]
 
 
 def measure(home: Path) -> dict[str, Any]:
