@@ -142,7 +142,9 @@ def test_a_refused_capability_names_architecture_capability_and_reason(converted
     capsys.readouterr()
     assert cli_main(["convert", str(source), "--to", "onnx", "--precision", "fp32"]) == 1
     said = capsys.readouterr().err
-    assert said.startswith("edgegemma convert: error: gemma4 (Gemma 4 (text)): convert onnx is")
+    assert said.startswith(
+        "edgegemma convert: error: gemma4-f32.gguf: gemma4 (Gemma 4 (text)): convert onnx is"
+    )
     assert "verified" in said and "ignore_mismatched_sizes" not in said
     with pytest.raises(UnsupportedArchitectureError) as refused:
         families.require("gemma4", "convert:onnx")

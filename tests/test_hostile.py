@@ -255,7 +255,7 @@ KITS: dict[str, Kit] = {
             "no tokenizer_config.json": (_without("tokenizer_config.json"), "tokenizer"),
             "unknown architecture": (
                 _config_edit(lambda m: m.update(type="gemmaX")),
-                "Unsupported model_type",
+                "model_type .gemmaX. is not a Gemma family edgegemma knows",
             ),
             "config does not match the graph": (
                 _config_edit(lambda m: m.update(vocab_size=1000)),

@@ -167,26 +167,33 @@ FAMILIES: Mapping[str, Family] = {
 """Every family edgegemma knows, by llama.cpp architecture name."""
 
 
-def family(name: str) -> Family:
-    """The family of the llama.cpp architecture ``name``; refused if it is not a Gemma."""
+def _prefix(where: object) -> str:
+    return f"{where}: " if where else ""
+
+
+def family(name: str, where: object = "") -> Family:
+    """The family of the llama.cpp architecture ``name`` (of the model ``where``, named in
+    errors); refused if it is not a Gemma."""
     found = FAMILIES.get(name)
     if found is None:
         raise UnsupportedArchitectureError(
-            f"{name!r} is not a Gemma architecture edgegemma knows (known: {', '.join(FAMILIES)})",
+            f"{_prefix(where)}{name!r} is not a Gemma architecture edgegemma knows "
+            f"(known: {', '.join(FAMILIES)})",
             architecture=name,
             capability=None,
         )
     return found
 
 
-def family_of_model_type(model_type: str) -> Family:
+def family_of_model_type(model_type: str, where: object = "") -> Family:
     """The family whose Hugging Face ``model_type`` is ``model_type``."""
     for candidate in FAMILIES.values():
         if model_type in candidate.model_types:
             return candidate
     known = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
     raise UnsupportedArchitectureError(
-        f"model_type {model_type!r} is not a Gemma family edgegemma knows (known: {known})",
+        f"{_prefix(where)}model_type {model_type!r} is not a Gemma family edgegemma knows "
+        f"(known: {known})",
         architecture=model_type,
         capability=None,
     )
@@ -206,18 +213,20 @@ def family_of_checkpoint(folder: str | os.PathLike[str]) -> Family:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str):
         raise ModelError(f"{config_path} names no model_type")
-    return family_of_model_type(model_type)
+    return family_of_model_type(model_type, folder)
 
 
-def require(architecture: str, capability: str) -> Family:
-    """The family of ``architecture`` if it supports ``capability``; else the refusal."""
+def require(architecture: str, capability: str, where: object = "") -> Family:
+    """The family of ``architecture`` if it supports ``capability``; else the refusal, which
+    names the model ``where`` too."""
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown capability {capability!r}")
-    found = family(architecture)
+    found = family(architecture, where)
     if not found.supports(capability):
         what = capability.replace(":", " ")
         raise UnsupportedArchitectureError(
-            f"{found.name} ({found.title}): {what} is not supported: {found.refused[capability]}",
+            f"{_prefix(where)}{found.name} ({found.title}): {what} is not supported: "
+            f"{found.refused[capability]}",
             architecture=found.name,
             capability=capability,
         )

@@ -109,7 +109,7 @@ def convert(
         from ..families import require
         from ..gguffile import read_header
 
-        require(read_header(base).architecture, f"adapter:{to}")
+        require(read_header(base).architecture, f"adapter:{to}", base.name)
     return fmt.from_peft(peft, target, base, chosen)
 
 

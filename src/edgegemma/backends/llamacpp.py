@@ -206,7 +206,7 @@ class LlamaCppBackend(Backend):
         header = read_header(path)
         if header.file_type != "model":
             raise ModelError(f"{path.name} is a GGUF {header.file_type!r}, not a model")
-        require(header.architecture, "backend:llamacpp")
+        require(header.architecture, "backend:llamacpp", path.name)
         n_ctx_train = header.arch_value("context_length")
         n_ctx = -(-options.n_ctx // _N_CTX_STEP) * _N_CTX_STEP
         if isinstance(n_ctx_train, int) and n_ctx > n_ctx_train:

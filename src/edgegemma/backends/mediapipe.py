@@ -136,7 +136,9 @@ class MediaPipeBackend(Backend):
     def open(cls, path: Path, options: BackendOptions) -> MediaPipeBackend:
         if path.suffix.lower() == ".gguf":
             if path.is_file():
-                require(read_header(path).architecture, "backend:mediapipe")  # before any build
+                require(
+                    read_header(path).architecture, "backend:mediapipe", path.name
+                )  # before any build
             path = _built_bundle(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")

@@ -148,7 +148,7 @@ class OnnxBackend(Backend):
     @classmethod
     def open(cls, path: Path, options: BackendOptions) -> OnnxBackend:
         if path.is_file():
-            require(read_header(path).architecture, "backend:onnx")  # before any build
+            require(read_header(path).architecture, "backend:onnx", path.name)  # before any build
             path = _built_model(path, options.extra)
         elif options.extra:
             raise InvalidParameterError(
@@ -162,7 +162,8 @@ class OnnxBackend(Backend):
             n_ctx_train = int(config["model"]["context_length"])
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{path / CONFIG_FILE} is unusable: {exc}") from None
-        require(family_of_model_type(str(config["model"].get("type"))).name, "backend:onnx")
+        model_type = str(config["model"].get("type"))
+        require(family_of_model_type(model_type, path).name, "backend:onnx", path)
         if options.n_ctx > n_ctx_train:
             raise InvalidParameterError(
                 f"n_ctx={options.n_ctx} is larger than the {n_ctx_train} tokens {path.name} was trained for"

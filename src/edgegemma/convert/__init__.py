@@ -198,7 +198,7 @@ def _gguf(path: Path, capability: str) -> Path:
     if path.is_dir():
         from ..families import family_of_checkpoint
 
-        require(family_of_checkpoint(path).name, capability)
+        require(family_of_checkpoint(path).name, capability, path)
         raise InvalidParameterError(
             f"{path} is a checkpoint folder: convert it to a GGUF first "
             f"(edgegemma convert {path} --to gguf --quant f32), then convert that"
@@ -207,7 +207,7 @@ def _gguf(path: Path, capability: str) -> Path:
         raise InvalidParameterError(
             f"{path} is not a GGUF file or a checkpoint folder; conversions start from either"
         )
-    require(read_header(path).architecture, capability)
+    require(read_header(path).architecture, capability, path.name)
     return path
 
 

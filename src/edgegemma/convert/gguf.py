@@ -112,7 +112,7 @@ def checkpoint_to_gguf(
         )
     checkpoint = Path(checkpoint)
     family = family_of_checkpoint(checkpoint)
-    require(family.name, "convert:gguf")
+    require(family.name, "convert:gguf", checkpoint)
     for difference in runtime_differences(checkpoint):
         warnings.warn(difference, stacklevel=2)
         say(f"warning: {difference}")
