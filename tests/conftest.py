@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,23 @@ def lora_dir(tmp_path_factory, base_header: GGUFHeader) -> Path:
     (root / "truncated.gguf").write_bytes(good[: len(good) // 2])
     (root / "not-gguf.gguf").write_text("this is not a GGUF file\n")
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``small_disk(megabytes)``: a folder on a file system of that size (a tmpfs, mounted
+    here and unmounted after: the tests run as root, as CI does), to fill up."""
+    mounted: list[Path] = []
+
+    def make(megabytes: int) -> Path:
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(folder)], check=True
+        )
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)

