@@ -72,10 +72,11 @@ _REFERENCE = "tests/test_families.py::test_{}_matches_transformers[{}]"
 _ADAPTER = "tests/test_families.py::test_peft_lora_matches_peft[{}-{}]"
 _ENGINE = "tests/test_families.py::test_engine_features_run[{}]"
 
-_ONNX_ONLY_GEMMA3 = (
-    "edgegemma's ONNX build (a float checkpoint through onnxruntime-genai's builder, LoRA "
-    "inputs extracted) is verified against transformers for gemma3 only"
+_ONNX_BUILDER_GEMMA4 = (
+    "onnxruntime-genai 0.18's builder takes Gemma 4 only as the multimodal "
+    "Gemma4ForConditionalGeneration checkpoint, which edgegemma does not build from"
 )
+_ONNX_BUILDER_GEMMA3N = "onnxruntime-genai 0.18's builder has no Gemma 3n model"
 _LITERT_ONLY_GEMMA3 = (
     "edgegemma's LiteRT-LM build goes through litert-torch's Gemma 3 decoder, which has no "
     "{} layers"
@@ -94,16 +95,30 @@ def _llamacpp(name: str) -> dict[str, str]:
     }
 
 
-def _elsewhere_refused(name: str, layers: str) -> dict[str, str]:
+def _onnx(name: str) -> dict[str, str]:
+    """The capabilities proven on ONNX Runtime GenAI for ``name`` by the family tests."""
     return {
-        "backend:onnx": _ONNX_ONLY_GEMMA3,
-        "convert:onnx": _ONNX_ONLY_GEMMA3,
-        "adapter:onnx": _ONNX_ONLY_GEMMA3,
+        "backend:onnx": _ONNX_REFERENCE.format(name),
+        "convert:onnx": _ONNX_REFERENCE.format(name),
+        "adapter:onnx": _ONNX_ADAPTER.format(name),
+    }
+
+
+_ONNX_REFERENCE = "tests/test_families.py::test_onnx_matches_transformers[{}]"
+_ONNX_ADAPTER = "tests/test_families.py::test_onnx_lora_matches_peft[{}]"
+
+
+def _litert_refused(layers: str) -> dict[str, str]:
+    return {
         "backend:mediapipe": _LITERT_ONLY_GEMMA3.format(layers),
         "convert:litert": _LITERT_ONLY_GEMMA3.format(layers),
         "adapter:litert": _LITERT_ONLY_GEMMA3.format(layers),
         "train": _TRAIN_ONLY_GEMMA3,
     }
+
+
+def _onnx_refused(reason: str) -> dict[str, str]:
+    return {capability: reason for capability in ("backend:onnx", "convert:onnx", "adapter:onnx")}
 
 
 _GEMMA3_TEMPLATE = "tests/test_families.py::test_engine_features_run[{}]"
@@ -115,15 +130,23 @@ FAMILIES: Mapping[str, Family] = {
             name="gemma",
             title="Gemma (1)",
             model_types=("gemma",),
-            supported={**_llamacpp("gemma"), "chat-template": _GEMMA3_TEMPLATE.format("gemma")},
-            refused=_elsewhere_refused("gemma", "Gemma 1 (GeGLU, no sliding window)"),
+            supported={
+                **_llamacpp("gemma"),
+                **_onnx("gemma"),
+                "chat-template": _GEMMA3_TEMPLATE.format("gemma"),
+            },
+            refused=_litert_refused("Gemma 1 (GeGLU, no sliding window)"),
         ),
         Family(
             name="gemma2",
             title="Gemma 2",
             model_types=("gemma2",),
-            supported={**_llamacpp("gemma2"), "chat-template": _GEMMA3_TEMPLATE.format("gemma2")},
-            refused=_elsewhere_refused("gemma2", "Gemma 2 (logit soft-capping)"),
+            supported={
+                **_llamacpp("gemma2"),
+                **_onnx("gemma2"),
+                "chat-template": _GEMMA3_TEMPLATE.format("gemma2"),
+            },
+            refused=_litert_refused("Gemma 2 (logit soft-capping)"),
         ),
         Family(
             name="gemma3",
@@ -131,9 +154,7 @@ FAMILIES: Mapping[str, Family] = {
             model_types=("gemma3_text", "gemma3"),
             supported={
                 **_llamacpp("gemma3"),
-                "backend:onnx": "tests/test_onnx.py",
-                "convert:onnx": "tests/test_onnx.py",
-                "adapter:onnx": "tests/test_onnx.py",
+                **_onnx("gemma3"),
                 "backend:mediapipe": "tests/test_mediapipe.py",
                 "convert:litert": "tests/test_mediapipe.py",
                 "adapter:litert": "tests/test_mediapipe.py",
@@ -149,7 +170,10 @@ FAMILIES: Mapping[str, Family] = {
                 **_llamacpp("gemma3n"),
                 "chat-template": _GEMMA3_TEMPLATE.format("gemma3n"),
             },
-            refused=_elsewhere_refused("gemma3n", "Gemma 3n (AltUp, per-layer inputs)"),
+            refused={
+                **_onnx_refused(_ONNX_BUILDER_GEMMA3N),
+                **_litert_refused("Gemma 3n (AltUp, per-layer inputs)"),
+            },
         ),
         Family(
             name="gemma4",
@@ -157,7 +181,8 @@ FAMILIES: Mapping[str, Family] = {
             model_types=("gemma4", "gemma4_text"),
             supported=_llamacpp("gemma4"),
             refused={
-                **_elsewhere_refused("gemma4", "Gemma 4 (per-layer head sizes and inputs)"),
+                **_onnx_refused(_ONNX_BUILDER_GEMMA4),
+                **_litert_refused("Gemma 4 (per-layer head sizes and inputs)"),
                 "chat-template": "Gemma 4 chats in its own turn format, and no template of it "
                 "ships with edgegemma: use a model file that carries its chat template",
             },

@@ -139,7 +139,7 @@ def _to_gguf(args: argparse.Namespace) -> int:
     from ..quantize import build_gguf
 
     path = build_gguf(
-        _gguf(source, "convert:gguf"),
+        _checked(source, "convert:gguf"),
         gguf_options(args.quant, args.embedding, args.importance),
         progress=print_progress,
     )
@@ -155,7 +155,7 @@ def _to_onnx(args: argparse.Namespace) -> int:
         args.precision, args.quant_method, None if args.no_lora else args.lora_targets
     )
     folder = build_onnx(
-        _gguf(_source(args.source), "convert:onnx"), options, progress=print_progress
+        _checked(_source(args.source), "convert:onnx"), options, progress=print_progress
     )
     print(_copy_out(folder, args.output))
     print(_lock_record(folder))
@@ -167,7 +167,7 @@ def _to_litert(args: argparse.Namespace) -> int:
 
     options = litert_options(args.quant, args.lora_rank, args.context)
     folder = build_litert(
-        _gguf(_source(args.source), "convert:litert"), options, progress=print_progress
+        _checked(_source(args.source), "convert:litert"), options, progress=print_progress
     )
     copied = _copy_out(folder, args.output)
     bundles = [args.to] if args.to in LITERT_FILES else list(LITERT_FILES)
@@ -191,18 +191,16 @@ def _source(model: str) -> Path:
     return resolve(model)
 
 
-def _gguf(path: Path, capability: str) -> Path:
-    """``path`` if it is a GGUF model whose family can be built into ``capability``."""
+def _checked(path: Path, capability: str) -> Path:
+    """``path`` if it is a GGUF model or a checkpoint folder whose family can be built into
+    ``capability``."""
     from ..gguffile import read_header
 
     if path.is_dir():
         from ..families import family_of_checkpoint
 
         require(family_of_checkpoint(path).name, capability, path)
-        raise InvalidParameterError(
-            f"{path} is a checkpoint folder: convert it to a GGUF first "
-            f"(edgegemma convert {path} --to gguf --quant f32), then convert that"
-        )
+        return path
     if not path.is_file() or path.suffix.lower() != ".gguf":
         raise InvalidParameterError(
             f"{path} is not a GGUF file or a checkpoint folder; conversions start from either"

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..builds import Progress, cached_build, sha256_file, tool_versions
-from ..errors import ConversionError
+from ..builds import Progress, cached_build, sha256_file, tool_versions, tree_sha256
+from ..errors import ConversionError, UnsupportedArchitectureError
+from ..gguffile import read_header
 
 KIND = "checkpoint"
 _RECIPE = "1"
@@ -25,6 +26,15 @@ def float_checkpoint(gguf_path: Path, *, progress: Progress | None = None) -> Pa
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ConversionError(f"GGUF file not found: {gguf_path}")
+    architecture = read_header(gguf_path).architecture
+    if architecture != "gemma3":
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name}: a {architecture} GGUF cannot be turned back into a float "
+            "checkpoint here (transformers' GGUF reader is verified for gemma3 only): convert "
+            f"from the {architecture} model's Hugging Face checkpoint folder instead",
+            architecture=architecture,
+            capability=None,
+        )
     key = {"source_sha256": sha256_file(gguf_path), "recipe": _RECIPE, **tool_versions(*_TOOLS)}
     return cached_build(
         KIND, key, lambda out: _convert(gguf_path, out, progress), progress=progress
@@ -42,8 +52,6 @@ def _convert(gguf_path: Path, out: Path, progress: Progress | None) -> None:
     say(f"dequantizing the weights of {name}")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
-    if getattr(config, "model_type", None) != "gemma3_text":
-        raise ConversionError(f"{name} is a {config.model_type!r} model; only Gemma 3 is supported")
     # save_pretrained refuses a model that remembers it came from a quantized GGUF.
     del config.quantization_config
     config.architectures = [type(loaded).__name__]
@@ -54,9 +62,9 @@ def _convert(gguf_path: Path, out: Path, progress: Progress | None) -> None:
     plain.save_pretrained(out)
 
 
-def build_from_gguf(
+def build_from_source(
     kind: str,
-    gguf_path: Path,
+    source: Path,
     options: Mapping[str, str],
     *,
     recipe: str,
@@ -64,29 +72,39 @@ def build_from_gguf(
     build: Callable[[Path, Path, Mapping[str, str], Progress], None],
     progress: Progress | None = None,
 ) -> Path:
-    """A cached ``kind`` build of ``gguf_path``: ``build(checkpoint, out, options, say)`` fills
-    ``out``.
+    """A cached ``kind`` build of ``source``, a GGUF (its float checkpoint is made first) or a
+    Hugging Face checkpoint folder: ``build(checkpoint, out, options, say)`` fills ``out``.
 
-    The key is the GGUF's sha256, the options, the recipe version and the tools' versions, so
-    any of them changing makes a new build and nothing else does.
+    The key is the source's sha256 (a folder's: over its files), the options, the recipe
+    version and the tools' versions, so any of them changing makes a new build and nothing
+    else does.
     """
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise ConversionError(f"GGUF file not found: {gguf_path}")
-    key = {
-        "source_sha256": sha256_file(gguf_path),
-        **options,
-        "recipe": recipe,
-        **tool_versions(*tools),
+    source = Path(source)
+    if source.is_dir():
+        digest = checkpoint_sha256(source)
+    elif source.is_file():
+        digest = sha256_file(source)
+    else:
+        raise ConversionError(f"model not found: {source}")
+    key = {"source_sha256": digest, **options, "recipe": recipe, **tool_versions(*tools)}
+
+    def run(out: Path) -> None:
+        checkpoint = source if source.is_dir() else float_checkpoint(source, progress=progress)
+        build(checkpoint, out, options, progress or (lambda _message: None))
+
+    return cached_build(kind, key, run, progress=progress)
+
+
+def checkpoint_sha256(folder: Path) -> str:
+    """One sha256 of a checkpoint folder's files (names, sizes and contents)."""
+    files = {
+        path.relative_to(folder).as_posix(): {
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+        }
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
     }
-    return cached_build(
-        kind,
-        key,
-        lambda out: build(
-            float_checkpoint(gguf_path, progress=progress),
-            out,
-            options,
-            progress or (lambda _message: None),
-        ),
-        progress=progress,
-    )
+    if "config.json" not in files:
+        raise ConversionError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    return tree_sha256(files)

@@ -40,7 +40,7 @@ from ..builds import Progress
 from ..chat import folder_template
 from ..errors import ConversionError
 from ..recipes import LITERT_FILES, LITERT_PREFILL_LENGTH, LITERT_QUANTS
-from .checkpoint import build_from_gguf
+from .checkpoint import build_from_source
 
 KIND = "litert"
 START_TOKEN = "<bos>"
@@ -60,11 +60,12 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def build_litert(
-    gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None
+    source: Path, options: dict[str, str], *, progress: Progress | None = None
 ) -> Path:
-    """The build folder (``model.litertlm``, ``model.task``) of ``gguf_path`` with ``options``."""
-    return build_from_gguf(
-        KIND, gguf_path, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
+    """The build folder (``model.litertlm``, ``model.task``) of ``source`` (a GGUF or a
+    Hugging Face checkpoint folder) with ``options``."""
+    return build_from_source(
+        KIND, source, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
     )
 
 

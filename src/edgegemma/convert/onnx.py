@@ -26,7 +26,8 @@ from ..adapters.onnx import LoraInput, write_lora_inputs
 from ..adapters.peft import write_peft
 from ..builds import Progress
 from ..errors import ConversionError
-from .checkpoint import build_from_gguf
+from ..families import family_of_checkpoint
+from .checkpoint import build_from_source
 
 KIND = "onnx"
 
@@ -36,12 +37,11 @@ _PLACEHOLDER_RANK = 4
 _ATTENTION = ("q", "k", "v", "o")
 
 
-def build_onnx(
-    gguf_path: Path, options: dict[str, str], *, progress: Progress | None = None
-) -> Path:
-    """The ONNX Runtime GenAI folder for ``gguf_path`` built with :func:`~edgegemma.recipes.onnx_options`, cached."""
-    return build_from_gguf(
-        KIND, gguf_path, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
+def build_onnx(source: Path, options: dict[str, str], *, progress: Progress | None = None) -> Path:
+    """The ONNX Runtime GenAI folder for ``source`` (a GGUF or a Hugging Face checkpoint
+    folder) built with :func:`~edgegemma.recipes.onnx_options`, cached."""
+    return build_from_source(
+        KIND, source, options, recipe=_RECIPE, tools=_TOOLS, build=_build, progress=progress
     )
 
 
@@ -87,8 +87,9 @@ def _run_builder(
         contextlib.redirect_stderr(log),
     ):
         try:
+            family = family_of_checkpoint(checkpoint).name  # the builder's name for it
             options = builder.parse_extra_options(
-                "gemma3",
+                family,
                 str(checkpoint),
                 str(out),
                 precision,
@@ -98,7 +99,7 @@ def _run_builder(
             )
             _fix_rope_config(options["hf_details"]["hf_config"])
             builder.create_model(
-                "gemma3",
+                family,
                 str(checkpoint),
                 str(out),
                 precision,
