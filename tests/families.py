@@ -23,7 +23,7 @@ from filelock import FileLock
 from edgegemma import models
 
 FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4")
-_RECIPE = "1"
+_RECIPE = "2"
 _COMMON: dict[str, Any] = {
     "vocab_size": 262144,
     "hidden_size": 64,
@@ -137,6 +137,7 @@ def _small_tokenizer() -> bytes:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(text * 20), model_writer=model, vocab_size=SMALL_VOCAB,
         model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         character_coverage=1.0, add_dummy_prefix=False, minloglevel=2,
     )  # fmt: skip
     return model.getvalue()
@@ -229,3 +230,28 @@ def reference(folder: Path, prompt_ids: list[int], n: int, peft_dir: Path | None
         logits = model(ids).logits[0, -1].numpy()
         out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None)
     return out[0, len(prompt_ids) :].tolist(), logits
+
+
+def converted(family: str, target: str) -> Path:
+    """The family's checkpoint converted by the CLI exactly as a user types it, once per
+    machine: ``target`` "gguf" (``--quant f32``, a file) or "onnx" (``--precision fp32``, a
+    folder with LoRA inputs on q, k, v and o)."""
+    from importlib.metadata import version
+
+    from edgegemma.cli import main
+
+    source = checkpoint(family)
+    tools = version("llama-cpp-python" if target == "gguf" else "onnxruntime-genai")
+    out = _root() / f"{source.name}-{target}-{tools}{'.gguf' if target == 'gguf' else ''}"
+    if out.exists():
+        return out
+    with FileLock(_root() / f".{out.name}.lock"):
+        if not out.exists():
+            partial = out.with_name(".partial-" + out.name)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.unlink(missing_ok=True)
+            options = ["--quant", "f32"] if target == "gguf" else ["--precision", "fp32"]
+            code = main(["convert", str(source), "--to", target, *options, "-o", str(partial)])
+            assert code == 0, f"edgegemma convert {source} --to {target} failed"
+            os.replace(partial, out)
+    return out

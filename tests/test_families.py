@@ -9,11 +9,11 @@ the table refuses is refused before any work, with the architecture, the capabil
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
 
+import families as families_helper
 import numpy as np
 import pytest
 from families import FAMILIES, checkpoint, random_peft, reference
@@ -23,6 +23,7 @@ from edgegemma import UnsupportedArchitectureError, families
 from edgegemma.adapters import main as adapters_main
 from edgegemma.cli import main as cli_main
 from edgegemma.convert.gguf import runtime_differences
+from edgegemma.train import main as train_main
 
 PROMPT = "The capital of France is"
 N_TOKENS = 12
@@ -30,39 +31,14 @@ LLAMA_CPP_FAMILIES = [f for f in FAMILIES if families.FAMILIES[f].supports("back
 ONNX_FAMILIES = [f for f in FAMILIES if families.FAMILIES[f].supports("convert:onnx")]
 
 
-@functools.cache
-def _gguf(family: str, root: Path) -> Path:
-    """The family's checkpoint converted by the CLI exactly as a user types it."""
-    out = root / f"{family}-f32.gguf"
-    code = cli_main(
-        ["convert", str(checkpoint(family)), "--to", "gguf", "--quant", "f32", "-o", str(out)]
-    )
-    assert code == 0 and out.is_file()
-    return out
+@pytest.fixture(scope="module")
+def converted():
+    return lambda family: families_helper.converted(family, "gguf")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return lambda family: _gguf(family, root)
-
-
-@functools.cache
-def _onnx(family: str, root: Path) -> Path:
-    """The family's checkpoint built for ONNX Runtime GenAI (float32, LoRA inputs on q,k,v,o)
-    straight from the folder, as a user types it."""
-    out = root / f"{family}-onnx"
-    code = cli_main(
-        ["convert", str(checkpoint(family)), "--to", "onnx", "--precision", "fp32", "-o", str(out)]
-    )
-    assert code == 0 and (out / "genai_config.json").is_file()
-    return out
-
-
-@pytest.fixture(scope="module")
-def onnx_built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families-onnx")
-    return lambda family: _onnx(family, root)
+def onnx_built():
+    return lambda family: families_helper.converted(family, "onnx")
 
 
 @pytest.mark.parametrize("family", ONNX_FAMILIES)
@@ -92,6 +68,12 @@ def test_onnx_lora_matches_peft(family, onnx_built, tmp_path):
         engine.load_adapter("skill", adapter)
         result = engine.generate(PROMPT, max_tokens=N_TOKENS, adapters={"skill": 1.0})
         assert result.token_ids == expected
+
+
+def _until_end(tokens: list[int], engine: edgegemma.Engine) -> list[int]:
+    """transformers' tokens up to the first end-of-generation token, where the engine stops."""
+    ends = [i for i, t in enumerate(tokens) if t in engine.info.eog_ids]
+    return tokens[: ends[0]] if ends else tokens
 
 
 def _logits(engine: edgegemma.Engine, ids: list[int]) -> np.ndarray:
@@ -172,6 +154,36 @@ def test_engine_features_run(family, converted):
                 engine.chat(messages, max_tokens=4)
 
 
+TRAIN_FAMILIES = [f for f in FAMILIES if families.FAMILIES[f].supports("train")]
+
+
+@pytest.mark.parametrize("family", TRAIN_FAMILIES)
+def test_train_matches_peft(family, converted, tmp_path):
+    """``edgegemma train --model FOLDER --gguf FILE``: a few steps on the checkpoint, and its
+    adapter.gguf on llama.cpp gives what the trained PEFT adapter gives in transformers."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Reading {i}:", "completion": " ok" if i % 2 else " alarm"})
+            + "\n"
+            for i in range(8)
+        )
+    )
+    out = tmp_path / "trained"
+    argv = ["--data", str(data), "--out", str(out), "--model", str(checkpoint(family)),
+            "--gguf", str(converted(family)), "--epochs", "2", "--batch-size", "4",
+            "--rank", "16", "--targets", "q,v", "--lr", "0.05"]  # fmt: skip
+    assert train_main(argv) == 0
+    with edgegemma.load(converted(family), n_ctx=256, n_threads=2) as engine:
+        ids = engine.tokenize(PROMPT)
+        expected, _ = reference(checkpoint(family), ids, N_TOKENS, peft_dir=out)
+        without, _ = reference(checkpoint(family), ids, N_TOKENS)
+        engine.load_adapter("trained", out / "adapter.gguf")
+        result = engine.generate(PROMPT, max_tokens=N_TOKENS, adapters={"trained": 1.0})
+    assert result.token_ids == _until_end(expected, engine)
+    assert expected != without, "the training changed the model's answer"
+
+
 def test_every_cell_of_the_table_is_a_test_or_a_reason():
     for family in families.FAMILIES.values():
         for capability in families.CAPABILITIES:
@@ -191,7 +203,7 @@ def test_a_refused_capability_names_architecture_capability_and_reason(converted
     assert cli_main(["convert", str(source), "--to", "onnx", "--precision", "fp32"]) == 1
     said = capsys.readouterr().err
     assert said.startswith(
-        "edgegemma convert: error: gemma4-f32.gguf: gemma4 (Gemma 4 (text)): convert onnx is"
+        f"edgegemma convert: error: {source.name}: gemma4 (Gemma 4 (text)): convert onnx is"
     )
     assert "Gemma4ForConditionalGeneration" in said and "ignore_mismatched_sizes" not in said
     # Gemma 2 builds for ONNX from its checkpoint folder; its GGUF has no way back to one.

@@ -81,9 +81,6 @@ _LITERT_ONLY_GEMMA3 = (
     "edgegemma's LiteRT-LM build goes through litert-torch's Gemma 3 decoder, which has no "
     "{} layers"
 )
-_TRAIN_ONLY_GEMMA3 = (
-    "edgegemma train builds its float checkpoint and skill files for gemma3 only so far"
-)
 
 
 def _llamacpp(name: str) -> dict[str, str]:
@@ -92,7 +89,11 @@ def _llamacpp(name: str) -> dict[str, str]:
         "backend:llamacpp": _REFERENCE.format("gguf", name),
         "convert:gguf": _REFERENCE.format("gguf", name),
         "adapter:gguf": _ADAPTER.format(name, "qv"),
+        "train": _TRAIN.format(name),
     }
+
+
+_TRAIN = "tests/test_families.py::test_train_matches_peft[{}]"
 
 
 def _onnx(name: str) -> dict[str, str]:
@@ -113,7 +114,6 @@ def _litert_refused(layers: str) -> dict[str, str]:
         "backend:mediapipe": _LITERT_ONLY_GEMMA3.format(layers),
         "convert:litert": _LITERT_ONLY_GEMMA3.format(layers),
         "adapter:litert": _LITERT_ONLY_GEMMA3.format(layers),
-        "train": _TRAIN_ONLY_GEMMA3,
     }
 
 
@@ -158,7 +158,6 @@ FAMILIES: Mapping[str, Family] = {
                 "backend:mediapipe": "tests/test_mediapipe.py",
                 "convert:litert": "tests/test_mediapipe.py",
                 "adapter:litert": "tests/test_mediapipe.py",
-                "train": "tests/test_train.py",
                 "chat-template": "tests/test_chat.py",
             },
         ),

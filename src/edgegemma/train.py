@@ -46,7 +46,13 @@ TARGET_MODULES = {
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "gemma3-270m"
-    """The base model: a models.lock name or a GGUF path."""
+    """The base model: a models.lock name, a GGUF path (a Gemma 3: its float checkpoint is
+    made first), or a Hugging Face checkpoint folder of any family that trains
+    (:mod:`edgegemma.families`)."""
+    gguf: str | None = None
+    """With a checkpoint folder as ``model``: the GGUF the adapter will run on (what
+    ``edgegemma convert FOLDER --to gguf`` made of it), for ``adapter.gguf``; without it only
+    the PEFT adapter is written."""
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q", "k", "v", "o")
@@ -64,7 +70,8 @@ class TrainConfig:
 class TrainResult:
     out: Path
     """The PEFT folder, which also holds ``adapter.gguf`` and ``training.json``."""
-    gguf_path: Path
+    gguf_path: Path | None
+    """``adapter.gguf``, or None when trained from a checkpoint folder without ``gguf``."""
     examples: int
     skipped: int
     steps: int
@@ -129,17 +136,25 @@ def train(
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import models
     from .adapters.gguf import to_gguf
     from .adapters.peft import read_peft
     from .convert.checkpoint import float_checkpoint
+    from .families import family_of_checkpoint, require
     from .gguffile import read_header
 
     torch.set_num_threads(config.threads or _cores())
-    base_path = models.resolve(config.model)
-    checkpoint = float_checkpoint(base_path, progress=_say if progress else None)
+    source = models.resolve(config.model)
+    if source.is_dir():
+        require(family_of_checkpoint(source).name, "train", source)
+        checkpoint = source
+        base_gguf = models.resolve(config.gguf) if config.gguf else None
+    else:
+        require(read_header(source).architecture, "train", source.name)
+        checkpoint = float_checkpoint(source, progress=_say if progress else None)
+        base_gguf = source
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     sequences, skipped = _tokenize(examples, tokenizer, config.max_len)
     if not sequences:
@@ -149,8 +164,12 @@ def train(
 
     torch.manual_seed(config.seed)
     # Typed as Any: the PEFT wrapper's attributes below are read as they are at run time.
+    config_type = AutoConfig.from_pretrained(checkpoint).model_type
     model: Any = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="sdpa"
+        checkpoint,
+        dtype=torch.float32,
+        # Gemma 2 soft-caps its attention scores, which only the eager attention computes.
+        attn_implementation="eager" if config_type == "gemma2" else "sdpa",
     )
     lora = LoraConfig(
         r=config.rank,
@@ -165,7 +184,7 @@ def train(
     body = model.base_model.model.model
     # Frozen; a bfloat16 copy spares autocast re-casting 168M weights on every step.
     head = model.base_model.model.lm_head.weight.detach().to(torch.bfloat16)
-    softcap = model.config.final_logit_softcapping
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     pad_id = tokenizer.pad_token_id or 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
@@ -207,7 +226,11 @@ def train(
     train_s = time.perf_counter() - started
 
     _save_peft(model, out_dir)
-    gguf_path = to_gguf(read_peft(out_dir), out_dir / "adapter.gguf", read_header(base_path))
+    gguf_path = (
+        to_gguf(read_peft(out_dir), out_dir / "adapter.gguf", read_header(base_gguf))
+        if base_gguf is not None
+        else None
+    )
     n_examples = len(sequences) * config.epochs
     result = TrainResult(
         out=out_dir,
@@ -351,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="edgegemma train",
-        description="Fine-tune a LoRA adapter for Gemma 3 270M on this CPU from prompt/completion "
-        "JSONL.",
+        description="Fine-tune a LoRA adapter on this CPU from prompt/completion JSONL, for "
+        "Gemma 3 270M or any Gemma checkpoint folder that trains (docs/families.md).",
     )
     parser.add_argument(
         "--data", required=True, help='JSONL, one {"prompt": ..., "completion": ...} per line'
@@ -360,7 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", required=True, help="folder for the PEFT adapter, adapter.gguf and training.json"
     )
-    parser.add_argument("--model", default=defaults.model, help="base model (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        help="base model: a models.lock name, a GGUF or a checkpoint folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gguf",
+        help="with a checkpoint folder: the GGUF made of it, to write adapter.gguf for",
+    )
     parser.add_argument(
         "--rank", type=int, default=defaults.rank, help="LoRA rank (default: %(default)s)"
     )
@@ -391,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     config = TrainConfig(
         model=options.model,
+        gguf=options.gguf,
         rank=options.rank,
         alpha=options.alpha,
         targets=tuple(t.strip() for t in options.targets.split(",") if t.strip()),
@@ -412,5 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"final loss {result.final_loss:.3f}"
     )
     print(f"PEFT adapter: {result.out}")
-    print(f"llama.cpp adapter: {result.gguf_path} ({result.gguf_path.stat().st_size / 1e6:.1f} MB)")
+    if result.gguf_path is not None:
+        size = result.gguf_path.stat().st_size / 1e6
+        print(f"llama.cpp adapter: {result.gguf_path} ({size:.1f} MB)")
+    else:
+        print(f"llama.cpp adapter: edgegemma adapters convert {result.out} --to gguf --model GGUF")
     return 0
