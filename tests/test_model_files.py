@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgegemma
-from edgegemma import ModelError
+from edgegemma import ModelError, UnsupportedArchitectureError
 from edgegemma.gguffile import read_header
 
 
@@ -52,7 +52,7 @@ def test_unsupported_version(tmp_path):
         edgegemma.load(path)
 
 
-def test_unknown_architecture_reports_llama_cpp_reason(gguf_path, tmp_path):
+def test_an_unknown_architecture_is_refused_before_llama_cpp_reads_it(gguf_path, tmp_path):
     data = bytearray(gguf_path.read_bytes())
     key = _gguf_string("general.architecture") + struct.pack("<I", 8) + _gguf_string("gemma3")
     at = data.find(key)
@@ -61,7 +61,9 @@ def test_unknown_architecture_reports_llama_cpp_reason(gguf_path, tmp_path):
     bad = tmp_path / "arch.gguf"
     bad.write_bytes(bytes(data))
     assert read_header(bad).architecture == "gemmaX"
-    with pytest.raises(ModelError, match="unknown model architecture"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match="arch.gguf: 'gemmaX' is not a Gemma architecture"
+    ):
         edgegemma.load(bad)
 
 

@@ -234,17 +234,7 @@ def test_number_digits_are_counted_outside_strings_only():
         ({"choices": []}, "non-empty list"),
         ({"choices": ["a", ""]}, "non-empty string"),
         ({"choices": ["a"], "regex": "a"}, "one constraint"),
-        # No silent answers: a schema with no finite instance, NaN (which JSON cannot hold).
-        ({"json_schema": {"$ref": "#"}}, "admits no further text"),
-        (
-            {
-                "json_schema": {
-                    "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
-                    "$ref": "#/$defs/a",
-                }
-            },
-            "admits no further text",
-        ),
+        # No silent answers: NaN (which JSON cannot hold).
         ({"json_schema": '{"const": NaN}'}, "NaN or Infinity"),
         ({"json_schema": {"enum": [1, float("inf")]}}, "NaN or Infinity"),
         ({"choices": [f"c{i}" for i in range(20_001)]}, "at most 20000"),
@@ -256,6 +246,22 @@ def test_bad_constraints_are_specific_errors(opened, backend, kwargs, message):
     engine, reference = opened
     with pytest.raises(InvalidParameterError, match=message):
         engine.generate(PROMPT, max_tokens=4, **kwargs)
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", LOGITS)
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#"},
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    ],
+)
+def test_a_constraint_no_text_satisfies_is_an_error_not_an_empty_answer(opened, backend, schema):
+    """It ended "stop" with "" before: llguidance reports such a matcher as stopped."""
+    engine, reference = opened
+    with pytest.raises(InvalidParameterError, match="admits no further text"):
+        engine.generate(PROMPT, max_tokens=4, json_schema=schema)
     assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
 
 
