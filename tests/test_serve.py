@@ -857,3 +857,39 @@ def test_bodies_trickling_in_from_many_clients_are_bounded_together(tmp_path, gg
         )
         stop_server(served)
     assert answer.status_code == 200
+
+
+HOSTILE_TEMPLATE = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+)
+
+
+def test_a_model_whose_template_never_ends_answers_400_and_the_worker_goes_on(tmp_path, gguf_path):
+    """A chat template is the model file's code: one that loops 10^10 times is stopped at the
+    time limit, its request answered 400, and the requests after it are served."""
+    template = tmp_path / "template.jinja"
+    template.write_text(HOSTILE_TEMPLATE)
+    model = tmp_path / "hostile.gguf"
+    subprocess.run(
+        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(gguf_path), str(model),
+         "--chat-template-file", str(template), "--force"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    served = start_server(tmp_path, "--model", str(model), "--n-ctx", "256", "--name", NAME)
+    try:
+        started = time.monotonic()
+        chat = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=60,
+        )
+        assert chat.status_code == 400 and "longer than 5 s" in chat.json()["error"]["message"]
+        assert time.monotonic() - started < 30
+        completion = httpx.post(
+            f"{served.url}/v1/completions",
+            json={"model": NAME, "prompt": PROMPT, "max_tokens": 2},
+            timeout=60,
+        )
+        assert completion.status_code == 200 and served.health()["status"] == "ok"
+    finally:
+        stop_server(served)
