@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import jsonschema
 import pytest
@@ -16,6 +17,7 @@ from edgegemma import (
     ContextOverflowError,
     EdgeGemmaError,
     InvalidParameterError,
+    TimedOutError,
     skills,
 )
 from edgegemma.sampling import SamplingParams
@@ -54,6 +56,25 @@ def test_classify_scores_every_label_after_one_prompt(opened, backend):
     # A label of several tokens is the sum over its tokens.
     several = engine.classify("The capital of France is", [" the capital city", " the"])
     assert several.logprobs[" the capital city"] < several.logprobs[" the"]
+    assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classify_with_a_timeout_scores_alike_and_a_long_one_stops(opened, backend):
+    """With a timeout the labels are scored a few dozen at a time: the same scores; a label
+    set too large for the time raises TimedOutError early and the engine goes on."""
+    engine, reference = opened
+    labels = [f" w{i}" for i in range(40)]  # two scoring calls with a timeout
+    plain = engine.classify("Pick a word:", labels)
+    timed = engine.classify("Pick a word:", labels, timeout=600)
+    assert timed.logprobs == pytest.approx(plain.logprobs, abs=1e-4) and timed.label == plain.label
+    many = [f" label number {i}" for i in range(5000)]
+    started = time.monotonic()
+    with pytest.raises(TimedOutError, match="classify took longer than 0.2 s"):
+        engine.classify("Pick:", many, timeout=0.2)
+    assert time.monotonic() - started < 60
+    with pytest.raises(InvalidParameterError, match="timeout must be a positive number"):
+        engine.classify("Pick:", labels, timeout=0)
     assert engine.generate(PROMPT, max_tokens=8).token_ids == reference
 
 

@@ -33,6 +33,7 @@ from .errors import (
     InvalidParameterError,
     ModelError,
     NumericalError,
+    TimedOutError,
     UnsupportedArchitectureError,
 )
 from .sampling import SamplingParams
@@ -66,6 +67,7 @@ __all__ = [
     "SamplingParams",
     "Stats",
     "Stream",
+    "TimedOutError",
     "Together",
     "TokenLogprob",
     "UnsupportedArchitectureError",

@@ -52,6 +52,7 @@ from .errors import (
     EngineClosedError,
     InvalidParameterError,
     NumericalError,
+    TimedOutError,
 )
 from .families import FAMILIES, require
 from .memory import peak_rss_mb
@@ -631,12 +632,7 @@ class Engine:
                 'use on_overflow="truncate_left" or "error"'
             )
         stops = _check_stop(stop)
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
-        ):
-            raise InvalidParameterError(
-                f"timeout must be a positive number of seconds, got {timeout!r}"
-            )
+        _check_timeout(timeout)
         constraint = make_constraint(choices, regex, json_schema)
         if logprobs is not None and (
             isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20
@@ -738,6 +734,7 @@ class Engine:
         labels: Sequence[str],
         *,
         adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+        timeout: float | None = None,
     ) -> Classification:
         """Which of ``labels`` the model says follows ``prompt``, with a probability for each.
 
@@ -745,18 +742,30 @@ class Engine:
         several tokens branches from the prompt's KV cache), so a question with three labels
         costs one prefill and a few tokens, not a generation. Labels are the text as it would
         follow the prompt, leading space included (``[" normal", " warning"]``). The
-        probabilities are the labels' likelihoods normalised over the labels.
+        probabilities are the labels' likelihoods normalised over the labels. With
+        ``timeout`` (seconds, from this call) the labels are scored a few dozen at a time and
+        a call past it raises :class:`~edgegemma.errors.TimedOutError` (scores over part of
+        the labels would be a wrong answer, not a partial one).
         """
         self._check_open()
         if not self._backend.features.score:
             raise BackendUnavailableError(f"the {self.backend_name} backend cannot score labels")
+        _check_timeout(timeout)
         label_ids = self._label_ids(labels)
         active = self._active if adapters is ENGINE_ADAPTERS else self._check_adapter_set(adapters)
         prompt_ids = self._classify_prompt_ids(prompt, label_ids)
         started = time.perf_counter()
+        step = _LABELS_PER_TIMEOUT_CHECK if timeout is not None else len(label_ids)
         bound = self._bind(active)
         try:
-            totals = self._score(prompt_ids, label_ids, bound)
+            totals: list[float] = []
+            for first in range(0, len(label_ids), step):
+                if timeout is not None and time.perf_counter() - started > timeout:
+                    raise TimedOutError(
+                        f"classify took longer than {timeout} s: {first} of {len(label_ids)} "
+                        "labels scored"
+                    )
+                totals += self._score(prompt_ids, label_ids[first : first + step], bound)
         finally:
             self._unbind_all(bound)
         return self._classification(
@@ -1885,6 +1894,20 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _rate(count: int, seconds: float) -> float:
     return count / seconds if count > 0 and seconds > 0 else 0.0
+
+
+_LABELS_PER_TIMEOUT_CHECK = 32
+"""Labels scored between two looks at the clock when ``classify`` has a timeout: each
+scoring call after the first re-evaluates only the prompt's last token (its KV is kept)."""
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise InvalidParameterError(
+            f"timeout must be a positive number of seconds, got {timeout!r}"
+        )
 
 
 def _check_policy(policy: object) -> None:

@@ -57,6 +57,11 @@ class ContextOverflowError(EdgeGemmaError):
         self.n_ctx = n_ctx
 
 
+class TimedOutError(EdgeGemmaError):
+    """A call that has no partial answer (``classify``) ran past its ``timeout``; the engine
+    stays usable."""
+
+
 class BackendUnavailableError(EdgeGemmaError):
     """The requested backend is unknown, or its runtime package is not installed."""
 
