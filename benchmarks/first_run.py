@@ -53,7 +53,7 @@ def measure(home: Path) -> dict[str, Any]:
             tree = [watched, *watched.children(recursive=True)]
             peak = max(peak, sum(p.memory_info().rss for p in tree))
         except psutil.Error:
-            pass
+            pass  # a process of the tree ended between listing and reading it
         time.sleep(0.01)
     _, err = process.communicate()
     reported = re.search(r"peak RSS (\d+) MiB", err)
