@@ -7,20 +7,9 @@ with edgegemma.load("gemma3-270m") as engine:
 
 from .backends import available_backends
 from .backends.base import Backend, BackendOptions, Features, ModelInfo
+from .batching import Together
 from .chat import ChatTemplate, Message
-from .engine import (
-    ENGINE_ADAPTERS,
-    ChatOptions,
-    Classification,
-    Engine,
-    Perplexity,
-    Result,
-    Stats,
-    Stream,
-    Together,
-    TokenLogprob,
-    load,
-)
+from .engine import Engine, load
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -36,7 +25,10 @@ from .errors import (
     TimedOutError,
     UnsupportedArchitectureError,
 )
+from .options import ENGINE_ADAPTERS, ChatOptions, GenerateOptions
+from .results import Classification, Perplexity, Result, Stats, TokenLogprob
 from .sampling import SamplingParams
+from .streams import Stream
 
 __version__ = "0.1.0"
 
@@ -56,6 +48,7 @@ __all__ = [
     "EngineBusyError",
     "EngineClosedError",
     "Features",
+    "GenerateOptions",
     "IntegrityError",
     "InvalidParameterError",
     "Message",

@@ -15,7 +15,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -334,3 +334,29 @@ def folder_template(folder: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) and template else None
+
+
+def fewest_dropped(
+    conversation: list[Message], budget: int, ids_of: Callable[[list[Message]], list[int]]
+) -> list[int] | None:
+    """The prompt (``ids_of`` a conversation) of ``conversation`` with the fewest old turns
+    dropped that fits ``budget`` tokens, else with all droppable turns dropped (None if none
+    can be).
+
+    Dropping more turns never lengthens the prompt, so the count is found by bisection: a few
+    renders of the template, not one per turn (which takes seconds for a long conversation)."""
+    counts = droppable_turns(conversation)
+    if not counts:
+        return None
+    low, high = 0, len(counts) - 1
+    best = ids_of(without_turns(conversation, counts[high]))
+    if len(best) > budget:
+        return best
+    while low < high:
+        middle = (low + high) // 2
+        ids = ids_of(without_turns(conversation, counts[middle]))
+        if len(ids) <= budget:
+            best, high = ids, middle
+        else:
+            low = middle + 1
+    return best

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .engine import HELDOUT_TEXT, OVERFLOW_POLICIES, load
+from .engine import HELDOUT_TEXT, load
 from .errors import EdgeGemmaError, InvalidParameterError
 from .models import default_model
+from .options import OVERFLOW_POLICIES
 
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),

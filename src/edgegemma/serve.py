@@ -45,15 +45,7 @@ except ModuleNotFoundError as exc:  # the server is an optional extra
     ) from None
 
 from . import __version__
-from .engine import (
-    ENGINE_ADAPTERS,
-    OVERFLOW_POLICIES,
-    PREFIX_CACHE_POLICIES,
-    Engine,
-    Result,
-    Stream,
-    load,
-)
+from .engine import Engine, load
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -62,6 +54,9 @@ from .errors import (
     InvalidParameterError,
 )
 from .models import default_model, looks_like_a_name
+from .options import ENGINE_ADAPTERS, OVERFLOW_POLICIES, PREFIX_CACHE_POLICIES
+from .results import Result
+from .streams import Stream
 
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 4 << 20
