@@ -26,6 +26,9 @@ for shipped in ("models.lock", "py.typed", "data/gemma3-chat-template.jinja",
     assert package.joinpath(shipped).is_file(), f"the wheel lacks edgegemma/{shipped}"
 PY
 "$work/venv/bin/edgegemma" generate "The capital of France is" --max-tokens 8 --stats
+# The default model was built here, from the pinned file and the shipped importance weights, and
+# loaded only because its bytes matched the sha256 that models.lock pins for it.
+test -n "$(ls -A "$EDGEGEMMA_HOME/builds/gguf")" || { echo "no default model was built" >&2; exit 1; }
 "$work/venv/bin/python" - <<'PY'
 import edgegemma
 from edgegemma import skills
