@@ -1,15 +1,16 @@
 """The documentation's code runs as written, so that it cannot drift from what edgegemma does.
 
-Every fenced ``python`` and ``sh`` block of the README, and of each guide's "Quick start"
-section, runs here: a document's python blocks in order in one namespace (a reader's session),
-its sh blocks with bash, the venv's ``edgegemma`` and ``python`` first on ``PATH``, all in a
-fresh working directory. A print whose comment shows a value (``# ' critical' 0.999``) must
-print that text. An HTML comment right before a block changes how it runs:
+Every fenced ``python`` and ``sh`` block of the README and of docs/generation.md, and of each
+other guide's "Quick start" section, runs here: a document's python blocks in order in one
+namespace (a reader's session), its sh blocks with bash, the venv's ``edgegemma`` and
+``python`` first on ``PATH``, all in a fresh working directory. A print whose comment shows a
+value (``# ' critical' 0.999``) must print that text. An HTML comment right before a block
+changes how it runs:
 
-- ``<!-- fixture: NAME, ... (why) -->`` provides what the block needs: ``sensor.gguf`` (the shipped
-  sensor skill's adapter file in the working directory) or ``server`` (the block is a server
-  command: it starts in the background, the next blocks run against it once ``/health``
-  answers, and it stops at the end of the document);
+- ``<!-- fixture: NAME, ... (why) -->`` provides what the block needs: ``sensor.gguf`` (the
+  shipped sensor skill's adapter file in the working directory) or ``server`` (the block is a
+  server command: it starts in the background, the next blocks run against it once
+  ``/health`` answers, and it stops at the end of the document);
 - ``<!-- not run: REASON -->`` for the few blocks that install packages, train or need a
   device. Each says why, and they are counted: the README keeps them few.
 """
@@ -36,6 +37,8 @@ from edgegemma import skills
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 GUIDES = sorted((ROOT / "docs").glob("*.md"))
+RUN_WHOLE = {README, ROOT / "docs" / "generation.md"}
+"""Pages every block of which runs (the others run their "Quick start" section)."""
 RUN_LANGUAGES = {"python", "sh"}
 """Fences that hold code to run; an unlabelled or ``text`` fence is a picture (the module map)."""
 MAX_README_LINES = 250
@@ -104,12 +107,12 @@ def blocks(document: Path) -> list[Block]:
 
 
 def runnable(document: Path) -> list[Block]:
-    """The README's code blocks; a guide's, in its "Quick start" section."""
+    """The code blocks of the README and the pages run whole; a guide's, in its "Quick start"."""
     return [
         block
         for block in blocks(document)
         if block.language in RUN_LANGUAGES
-        and (document == README or block.heading.lower().startswith("quick start"))
+        and (document in RUN_WHOLE or block.heading.lower().startswith("quick start"))
     ]
 
 
