@@ -4,8 +4,9 @@ Every fenced ``python`` and ``sh`` block of the README and of docs/generation.md
 other guide's "Quick start" section, runs here: a document's python blocks in order in one
 namespace (a reader's session), its sh blocks with bash, the venv's ``edgegemma`` and
 ``python`` first on ``PATH``, all in a fresh working directory. A print whose comment shows a
-value (``# ' critical' 0.999``) must print that text. An HTML comment right before a block
-changes how it runs:
+value (``# ' critical'``) must print that text; one that says ``# about ...`` is not checked
+(probabilities round differently on other CPUs). An HTML comment right before a block changes
+how it runs:
 
 - ``<!-- fixture: NAME, ... (why) -->`` provides what the block needs: ``sensor.gguf`` (the
   shipped sensor skill's adapter file in the working directory) or ``server`` (the block is a
