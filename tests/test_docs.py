@@ -142,6 +142,15 @@ def test_readme_is_a_guide_with_its_example_first():
     assert len(not_run) <= MAX_README_NOT_RUN, [str(block) for block in not_run]
 
 
+def test_the_readme_carries_no_measurements():
+    """Speeds, memory and accuracies live in docs/performance.md, dated, with their method."""
+    figures = re.compile(r"tok/s|MiB|\d\s?ms\b|\d\s?%|\d(\.\d+)?x\b")
+    found = [
+        line for line in README.read_text(encoding="utf-8").splitlines() if figures.search(line)
+    ]
+    assert not found, found
+
+
 def test_the_readme_two_commands_are_what_ci_runs():
     """The README's development commands are a contract: CI runs exactly them."""
     development = [block for block in blocks(README) if block.heading == "Development"]
