@@ -1,5 +1,5 @@
 """Classify, constrained output and batches against the generate path: the measurements behind
-the README's "Classify, structured output" section.
+docs/performance.md's "Classification, structured output and batches".
 
     python benchmarks/structured.py [--backend llamacpp] [--backend onnx] ... [--json out.json]
 

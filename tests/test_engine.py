@@ -209,7 +209,7 @@ def test_prefix_reuse_keeps_the_kernels_row_groups(clean_engine):
     # llama.cpp's repacked kernels multiply a batch's rows four at a time and round the rows
     # left over differently: the backend reuses a prefix only down to a multiple of four, so
     # these prompts' label log-probabilities after a reused prefix are the fresh ones (they
-    # were up to 0.2 apart before; docs/reliability.md says what still differs).
+    # were up to 0.2 apart before; docs/design/reliability.md says what still differs).
     engine = clean_engine
     instruction = "Classify the reading as normal, warning or critical.\nReading: "
     prompts = [instruction + e.prompt for e in skills.examples("sensor", "test")[:6]]

@@ -1,6 +1,6 @@
 """Adapter lifetime across queued and streaming calls, and streams moving between threads.
 
-The semantics (docs/reliability.md): a call keeps the adapters it was made with alive until it
+The semantics (docs/design/reliability.md): a call keeps the adapters it was made with alive until it
 ends. ``unload_adapter`` removes the name at once -- later calls cannot use it, and a new
 adapter may take the name -- but the adapter's memory is freed only when the last call made
 with it has finished or been closed. A stream belongs to itself, not to the thread that made

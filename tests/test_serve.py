@@ -390,7 +390,7 @@ def test_parallel_requests_run_as_one_batch(tmp_path, gguf_path, engine):
         assert max(a["timings"]["batch_n"] for a in answers.values()) == len(prompts)
         for i, found in answers.items():
             wanted = engine.generate(prompts[i], max_tokens=3, adapters={"sensor": 1.0})
-            # Batched rows round differently in llama.cpp's kernels (README, Batches): the
+            # Batched rows round differently in llama.cpp's kernels (docs/design/engine.md, Batches): the
             # label, not every byte, is what a batch must keep.
             text = found["choices"][0]["text"]
             assert skills.sensor_label(text) == skills.sensor_label(wanted.text), (text, wanted)
@@ -456,7 +456,7 @@ def test_a_request_arriving_while_a_batch_runs_joins_it(tmp_path, gguf_path):
 
 def test_prefix_cache_always_reuses_the_previous_answer(tmp_path, gguf_path):
     # A chat's next turn starts with the previous answer: under the default "exact" its tokens
-    # are evaluated again (docs/reliability.md), under --prefix-cache always they are reused.
+    # are evaluated again (docs/design/reliability.md), under --prefix-cache always they are reused.
     served = start_server(
         tmp_path, "--model", str(gguf_path), "--name", NAME, "--n-ctx", "1024",
         "--threads", "2", "--prefix-cache", "always",

@@ -100,8 +100,8 @@ def test_adapter_files_ship_and_fit_the_base_model(base_header):
 
 
 def test_sensor_adapter_accuracy(skill_engine):
-    # Every other held-out reading (50 per label) keeps the suite short; the README's figure is
-    # the whole split's.
+    # Every other held-out reading (50 per label) keeps the suite short; docs/performance.md's
+    # figure is the whole split's.
     result = skills.evaluate(skill_engine, "sensor", adapter="sensor", limit=150)
     # Measured: 94.7% (142/150; 287-288 of all 300); the target is 90%. 92% leaves room
     # for another CPU's float rounding, not for a broken adapter.
@@ -118,7 +118,7 @@ def test_emoji_adapter_score(skill_engine):
 
 def test_base_model_few_shot_is_far_below_the_adapters(skill_engine):
     # The baseline on an evenly spread subset (the few-shot prompts are ~6x longer); the
-    # full-split numbers are in the README.
+    # full-split numbers are in docs/performance.md.
     sensor_base = skills.evaluate(skill_engine, "sensor", adapter=None, limit=30)
     emoji_base = skills.evaluate(skill_engine, "emoji", adapter=None, limit=40)
     # Measured: sensor 10/30 = 33% (the base model answers "critical" to everything: chance),

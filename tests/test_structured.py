@@ -312,7 +312,7 @@ def test_logprobs_are_the_chosen_tokens_and_their_alternatives(opened, backend):
 def _agrees_but_for_near_ties(engine, prompt, batched, alone) -> bool:
     """Whether result ``batched`` is ``alone`` up to a token where a fresh evaluation of the
     common prefix finds the two choices within 0.5 nats of each other (batched rows round
-    differently in llama.cpp's kernels: the README's Batches)."""
+    differently in llama.cpp's kernels: docs/design/engine.md, Batches)."""
     pairs = zip(batched.token_ids, alone.token_ids)
     first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
     if first is None:  # equal, or one ended (end token, stop string) where the other went on

@@ -12,6 +12,10 @@ from .engine import HELDOUT_TEXT, load
 from .errors import EdgeGemmaError, InvalidParameterError
 from .models import default_model
 from .options import OVERFLOW_POLICIES
+from .threads import MAX_DEFAULT_THREADS
+
+THREADS_HELP = f"CPU threads (default: the free cores, at most {MAX_DEFAULT_THREADS})"
+"""What ``load(n_threads=None)`` gives: threads.ThreadPolicy over threads.default_threads()."""
 
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),
@@ -82,9 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--n-ctx", type=int, default=2048)
-    gen.add_argument(
-        "--threads", type=int, help="CPU threads (default: available cores, at most 8)"
-    )
+    gen.add_argument("--threads", type=int, help=THREADS_HELP)
     gen.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
@@ -101,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
     ppl.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:SCALE]",
                      help="score with this LoRA adapter (repeatable)")  # fmt: skip
-    ppl.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
+    ppl.add_argument("--threads", type=int, help=THREADS_HELP)
     return parser
 
 

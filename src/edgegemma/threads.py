@@ -8,7 +8,7 @@ with 2 threads, 65 with 1). Neither a fixed wait policy nor a fixed thread count
 for both, so the count follows the cores that are actually free: before each generation,
 and every ``_INTERVAL_S`` while one runs, the CPU time other processes took on this
 process's cores since the last look decides how many threads the next tokens get.
-``docs/threads.md`` has the measurements behind each choice.
+``docs/design/threads.md`` has the measurements behind each choice.
 """
 
 from __future__ import annotations

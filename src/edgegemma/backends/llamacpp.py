@@ -76,8 +76,8 @@ _RELEASE_EVERY = 0.02
 _MAX_SEQUENCES = 8
 """Sequences one decode may hold (:meth:`LlamaCppBackend.score_many`: prompts and label
 branches). The KV cache is unified, so cells cost nothing extra, but llama.cpp keeps a
-resident logits row (1 MiB for Gemma 3) per possible sequence: 32 cost +32 MiB of peak RSS
-(measured), 8 cost +8 MiB and classify the sensor readings as fast (1.45-1.47x one by one)."""
+resident logits row (1 MiB for Gemma 3) per possible sequence, so more sequences cost peak RSS
+for little more speed (docs/performance.md, "Classification, structured output and batches")."""
 _GROUP_TOKENS = 256
 """Tokens :meth:`LlamaCppBackend.score_many` evaluates in one decode. The sequences share one
 KV cache, so every token's attention spans the whole group's cells; groups of 64 to 512 tokens

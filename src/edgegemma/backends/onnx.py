@@ -78,8 +78,8 @@ _END_TOKENS = ("<end_of_turn>", "</s>")
 """End generation besides eos, as llama.cpp decides for this vocabulary."""
 _MAX_SEQUENCES = 8
 """Rows of one batch generator. Each holds its own KV cache of at least the sliding window
-(512 positions); measured, 32 tokens each from prompts of one length: 2 rows 1.6x the
-tokens/s of one by one, 4 1.9x, 8 2.1-2.7x."""
+(512 positions), so memory bounds the rows; the speed-up each count gives is in
+docs/performance.md ("Classification, structured output and batches")."""
 _NON_FINITE = (
     "ONNX Runtime computed non-finite logits (NaN or infinity); an adapter scale far too large "
     "for the model does this"
