@@ -58,7 +58,7 @@ class ChatOptions(TypedDict, total=False):
     """``{name: scale}`` for this call only, instead of the engine's adapter set (None: the
     bare base model)."""
     on_overflow: OverflowPolicy | None
-    """The context policy for this call instead of the engine's (docs/reliability.md)."""
+    """The context policy for this call instead of the engine's (docs/design/reliability.md)."""
     timeout: float | None
     """Seconds from the call: generation then ends with finish_reason ``"timeout"`` and the
     text so far."""
