@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from backend_kits import backend_model
 from loras import random_lora
 
 import edgegemma
@@ -13,6 +15,20 @@ from edgegemma import models
 from edgegemma.gguffile import GGUFHeader, read_header
 
 PROMPT = "The capital of France is"
+
+
+def greedy(
+    engine: edgegemma.Engine, prompt: str = PROMPT, max_tokens: int = 12, **options
+) -> list[int]:
+    """The tokens ``engine`` generates greedily for ``prompt``."""
+    return engine.generate(prompt, max_tokens=max_tokens, **options).token_ids
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +91,21 @@ def small_disk(tmp_path: Path):
     yield make
     for folder in mounted:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.fixture(scope="module")
+def engines(gguf_path: Path):
+    """``engines(backend)`` -> (engine, greedy 8 tokens of PROMPT): one per backend and module."""
+    opened: dict[str, tuple[edgegemma.Engine, list[int]]] = {}
+
+    def get(backend: str) -> tuple[edgegemma.Engine, list[int]]:
+        if backend not in opened:
+            engine = edgegemma.load(
+                backend_model(backend, gguf_path), backend=backend, n_ctx=512, n_threads=2
+            )
+            opened[backend] = engine, engine.generate(PROMPT, max_tokens=8).token_ids
+        return opened[backend]
+
+    yield get
+    for engine, _ in opened.values():
+        engine.close()

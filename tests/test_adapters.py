@@ -11,7 +11,7 @@ adapter's effect can be compared tightly.
 from __future__ import annotations
 
 import ctypes
-import json
+import functools
 import math
 import struct
 from pathlib import Path
@@ -19,14 +19,13 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 import pytest
+from loras import edit_peft_config, random_peft
 
 import edgegemma
 from edgegemma import adapters
 from edgegemma.adapters.peft import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     read_safetensors,
-    write_peft,
     write_safetensors,
 )
 from edgegemma.builds import cached_build, sha256_file
@@ -91,37 +90,8 @@ def base_logits(llama, hf_model, tokens):
     return ours, reference
 
 
-def _random_peft(
-    folder: Path,
-    header,
-    *,
-    seed: int,
-    std: float = 0.02,
-    rank: int = 8,
-    alpha: float = 16,
-    modules=tuple(MODULES),
-    layers=range(18),
-    **config,
-) -> Path:
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for layer in layers:
-        for module in modules:
-            n_in, n_out = header.tensors[f"blk.{layer}.{MODULES[module]}.weight"].shape
-            weights[f"model.layers.{layer}.{module}"] = (
-                rng.normal(0, std, (rank, n_in)).astype(np.float32),
-                rng.normal(0, std, (n_out, rank)).astype(np.float32),
-            )
-    write_peft(folder, weights, alpha=alpha)
-    if config:
-        _edit_config(folder, **config)
-    return folder
-
-
-def _edit_config(folder: Path, **changes) -> None:
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    config.update(changes)
-    (folder / CONFIG_FILE).write_text(json.dumps(config))
+_peft = functools.partial(random_peft, std=0.02, modules=tuple(MODULES))
+"""A random PEFT adapter on every target module (this file's default)."""
 
 
 def _hf_logits(model, tokens, peft_dir: Path | None = None) -> np.ndarray:
@@ -148,8 +118,8 @@ def _compare(delta: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 # -- conventions ------------------------------------------------------------------------
 
 
-def test_tensors_follow_llama_cpp_converter_conventions(tmp_path, gguf_path, base_header):
-    peft = _random_peft(tmp_path / "peft", base_header, seed=1, rank=4, alpha=8, layers=(0, 17))
+def test_tensors_follow_llama_cpp_converter_conventions(tmp_path, gguf_path):
+    peft = _peft(tmp_path / "peft", seed=1, rank=4, alpha=8, layers=(0, 17))
     out = adapters.convert(peft, "gguf", tmp_path / "a.gguf", model=gguf_path, dtype="f32")
     header = read_header(out)
     assert header.file_type == "adapter" and header.metadata["adapter.type"] == "lora"
@@ -173,8 +143,8 @@ def test_tensors_follow_llama_cpp_converter_conventions(tmp_path, gguf_path, bas
             )
 
 
-def test_f16_output_halves_the_size_and_rounds_only(tmp_path, gguf_path, base_header):
-    peft = _random_peft(tmp_path / "peft", base_header, seed=2, modules=("self_attn.q_proj",))
+def test_f16_output_halves_the_size_and_rounds_only(tmp_path, gguf_path):
+    peft = _peft(tmp_path / "peft", seed=2, modules=("self_attn.q_proj",))
     f32 = adapters.convert(peft, "gguf", tmp_path / "f32.gguf", model=gguf_path, dtype="f32")
     f16 = adapters.convert(peft, "gguf", tmp_path / "f16.gguf", model=gguf_path)
     assert f16.stat().st_size < 0.55 * f32.stat().st_size
@@ -201,9 +171,9 @@ def test_f16_output_halves_the_size_and_rounds_only(tmp_path, gguf_path, base_he
     ],
 )
 def test_llama_cpp_logits_match_transformers_peft(
-    config, tmp_path, gguf_path, base_header, llama, hf_model, tokens, base_logits
+    config, tmp_path, gguf_path, llama, hf_model, tokens, base_logits
 ):
-    peft = _random_peft(tmp_path / "peft", base_header, seed=3, **config)
+    peft = _peft(tmp_path / "peft", seed=3, **config)
     out = adapters.convert(peft, "gguf", tmp_path / "a.gguf", model=gguf_path, dtype="f32")
     llama_delta = llama.logits(tokens, out) - base_logits[0]
     hf_delta = _hf_logits(hf_model, tokens, peft) - base_logits[1]
@@ -215,9 +185,9 @@ def test_llama_cpp_logits_match_transformers_peft(
 
 
 def test_attention_only_adapter_matches_transformers(
-    tmp_path, gguf_path, base_header, llama, hf_model, tokens, base_logits
+    tmp_path, gguf_path, llama, hf_model, tokens, base_logits
 ):
-    peft = _random_peft(tmp_path / "peft", base_header, seed=4, modules=tuple(MODULES)[:4])
+    peft = _peft(tmp_path / "peft", seed=4, modules=tuple(MODULES)[:4])
     out = adapters.convert(peft, "gguf", tmp_path / "a.gguf", model=gguf_path)
     cosine, error = _compare(
         llama.logits(tokens, out) - base_logits[0],
@@ -228,18 +198,18 @@ def test_attention_only_adapter_matches_transformers(
 
 
 def test_scale_zero_is_the_base_and_alpha_scales_the_delta(
-    tmp_path, gguf_path, base_header, llama, tokens, base_logits
+    tmp_path, gguf_path, llama, tokens, base_logits
 ):
     small = {"seed": 5, "std": 0.003, "modules": ("self_attn.v_proj", "mlp.down_proj")}
     a16 = adapters.convert(
-        _random_peft(tmp_path / "a16", base_header, alpha=16, **small),
+        _peft(tmp_path / "a16", alpha=16, **small),
         "gguf",
         tmp_path / "a16.gguf",
         model=gguf_path,
         dtype="f32",
     )
     a32 = adapters.convert(
-        _random_peft(tmp_path / "a32", base_header, alpha=32, **small),
+        _peft(tmp_path / "a32", alpha=32, **small),
         "gguf",
         tmp_path / "a32.gguf",
         model=gguf_path,
@@ -257,10 +227,8 @@ def test_scale_zero_is_the_base_and_alpha_scales_the_delta(
     assert 1.8 < (d32 @ d16) / (d16 @ d16) < 2.2
 
 
-def test_shipped_engine_swaps_a_converted_adapter(tmp_path, gguf_path, base_header):
-    peft = _random_peft(
-        tmp_path / "peft", base_header, seed=6, std=0.05, modules=tuple(MODULES)[:4]
-    )
+def test_shipped_engine_swaps_a_converted_adapter(tmp_path, gguf_path):
+    peft = _peft(tmp_path / "peft", seed=6, std=0.05, modules=tuple(MODULES)[:4])
     out = adapters.convert(peft, "gguf", None, model=gguf_path)
     assert out == peft / "adapter.gguf"
     with edgegemma.load(gguf_path, n_ctx=256, n_threads=2) as engine:
@@ -292,9 +260,9 @@ def _zeros(*shape: int) -> np.ndarray:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda f: _edit_config(f, use_dora=True), "DoRA"),
-        (lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
-        (lambda f: _edit_config(f, peft_type="IA3"), "only LoRA"),
+        (lambda f: edit_peft_config(f, use_dora=True), "DoRA"),
+        (lambda f: edit_peft_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
+        (lambda f: edit_peft_config(f, peft_type="IA3"), "only LoRA"),
         (
             lambda f: _with_tensors(f, model__embed_tokens__lora_embedding_A=_zeros(8, 262144)),
             "embed_tokens",
@@ -340,10 +308,8 @@ def _zeros(*shape: int) -> np.ndarray:
         "f16-overflow",
     ],
 )
-def test_unsupported_adapters_are_refused_clearly(edit, message, tmp_path, gguf_path, base_header):
-    peft = _random_peft(
-        tmp_path / "peft", base_header, seed=7, modules=("self_attn.q_proj",), layers=(0,)
-    )
+def test_unsupported_adapters_are_refused_clearly(edit, message, tmp_path, gguf_path):
+    peft = _peft(tmp_path / "peft", seed=7, modules=("self_attn.q_proj",), layers=(0,))
     edit(peft)
     with pytest.raises(AdapterError, match=message):
         adapters.convert(peft, "gguf", tmp_path / "a.gguf", model=gguf_path)
@@ -360,10 +326,8 @@ def test_unsupported_adapters_are_refused_clearly(edit, message, tmp_path, gguf_
     ],
     ids=["truncated", "header-length", "garbled-header", "empty"],
 )
-def test_corrupt_safetensors_are_refused(damage, tmp_path, gguf_path, base_header):
-    peft = _random_peft(
-        tmp_path / "peft", base_header, seed=8, modules=("self_attn.q_proj",), layers=(0,)
-    )
+def test_corrupt_safetensors_are_refused(damage, tmp_path, gguf_path):
+    peft = _peft(tmp_path / "peft", seed=8, modules=("self_attn.q_proj",), layers=(0,))
     weights = peft / WEIGHTS_FILE
     weights.write_bytes(damage(weights.read_bytes()))
     with pytest.raises(AdapterError, match="safetensors|truncated|not found"):
@@ -373,8 +337,8 @@ def test_corrupt_safetensors_are_refused(damage, tmp_path, gguf_path, base_heade
 # -- command line -----------------------------------------------------------------------
 
 
-def test_cli_convert_inspect_validate(tmp_path, gguf_path, base_header, capsys):
-    peft = _random_peft(tmp_path / "peft", base_header, seed=9, modules=tuple(MODULES)[:4])
+def test_cli_convert_inspect_validate(tmp_path, gguf_path, capsys):
+    peft = _peft(tmp_path / "peft", seed=9, modules=tuple(MODULES)[:4])
     out = tmp_path / "a.gguf"
     assert (
         adapters.main(
@@ -413,10 +377,8 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, gguf_path, capsys):
     assert "adapter_config.json not found" in capsys.readouterr().err
 
 
-def test_onnx_target_names_what_it_needs_or_converts(tmp_path, gguf_path, base_header):
-    peft = _random_peft(
-        tmp_path / "peft", base_header, seed=10, modules=("self_attn.q_proj",), layers=(0,)
-    )
+def test_onnx_target_names_what_it_needs_or_converts(tmp_path, gguf_path):
+    peft = _peft(tmp_path / "peft", seed=10, modules=("self_attn.q_proj",), layers=(0,))
     try:
         out = adapters.convert(peft, "onnx", tmp_path / "a.onnx_adapter", model=gguf_path)
     except edgegemma.EdgeGemmaError as exc:
@@ -426,8 +388,8 @@ def test_onnx_target_names_what_it_needs_or_converts(tmp_path, gguf_path, base_h
         assert out.stat().st_size > 0
 
 
-def test_mediapipe_target_converts_with_numpy_alone(tmp_path, gguf_path, base_header, capsys):
-    peft = _random_peft(tmp_path / "peft", base_header, seed=11, modules=tuple(MODULES)[:4])
+def test_mediapipe_target_converts_with_numpy_alone(tmp_path, gguf_path, capsys):
+    peft = _peft(tmp_path / "peft", seed=11, modules=tuple(MODULES)[:4])
     assert (
         adapters.main(["convert", str(peft), "--to", "mediapipe", "--model", str(gguf_path)]) == 0
     )
@@ -435,9 +397,7 @@ def test_mediapipe_target_converts_with_numpy_alone(tmp_path, gguf_path, base_he
     printed = capsys.readouterr().out
     # LiteRT-LM runs ranks 16 and 32 only: rank 8 is zero-padded, the scale folded in.
     assert "rank         16" in printed and "q (layers 0-17)" in printed and "folded" in printed
-    mlp = _random_peft(
-        tmp_path / "mlp", base_header, seed=12, modules=("mlp.up_proj",), layers=(0,)
-    )
+    mlp = _peft(tmp_path / "mlp", seed=12, modules=("mlp.up_proj",), layers=(0,))
     with pytest.raises(AdapterError, match="attention projections"):
         adapters.convert(mlp, "litert", tmp_path / "mlp.lora", model=gguf_path)
 

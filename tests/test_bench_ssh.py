@@ -15,16 +15,11 @@ from pathlib import Path
 import arm64_python
 import jsonschema
 import pytest
+from conftest import free_port
 
 from edgegemma.bench import cli, schema
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def sshd(tmp_path_factory):
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True
         )
     shutil.copy(folder / "user_key.pub", folder / "authorized_keys")
-    port = _free_port()
+    port = free_port()
     user = getpass.getuser()
     (folder / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
@@ -119,7 +114,7 @@ def test_ssh_target_runs_the_harness_remotely(sshd, gguf_path, tmp_path, capsys)
 
 def test_unreachable_ssh_host_is_a_clear_error(sshd, capsys):
     _, options = sshd
-    target = f"ssh://{getpass.getuser()}@127.0.0.1:{_free_port()}"
+    target = f"ssh://{getpass.getuser()}@127.0.0.1:{free_port()}"
     code = cli.main([*_ssh_args(target, options), "--task", "none", "-p", "8", "-n", "0"])
     assert code == 1
     err = capsys.readouterr().err

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from backend_kits import BACKENDS, backend_model
 from conftest import PROMPT
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_hostile import BACKENDS, backend_model, engines  # noqa: F401 (a fixture)
 
 import edgegemma
 from edgegemma import ContextOverflowError, Engine, InvalidParameterError, skills
@@ -52,7 +52,7 @@ CUSTOM_TEMPLATE = (
 
 
 @pytest.fixture
-def opened(engines, backend):  # noqa: F811 (engines is the imported fixture)
+def opened(engines, backend):
     return engines(backend)
 
 
@@ -95,7 +95,7 @@ def test_llamacpp_tokens_equal_llama_cpps_own_gemma_template(engine, conversatio
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_onnx_tokens_equal_onnx_runtime_genais_template_engine(engines, conversation):  # noqa: F811
+def test_onnx_tokens_equal_onnx_runtime_genais_template_engine(engines, conversation):
     """ONNX Runtime GenAI renders templates with its own engine (minja, C++)."""
     engine, _ = engines("onnx")
     tokenizer = engine._backend._tokenizer

@@ -1,4 +1,4 @@
-"""Threads, cancellation and timeouts on every backend (the backends of tests/test_hostile.py).
+"""Threads, cancellation and timeouts on every backend (the backends of tests/backend_kits.py).
 
 The engine serializes calls: one generation runs at a time, under the adapter set its call
 asked for, so a call's output never depends on what other threads are doing.
@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from backend_kits import BACKENDS, KITS, backend_model
 from conftest import PROMPT
-from test_hostile import BACKENDS, KITS, backend_model, engines  # noqa: F401 (a fixture)
 
 import edgegemma
 from edgegemma import EngineBusyError, EngineClosedError
@@ -52,7 +52,7 @@ def adapter_files(gguf_path: Path, tmp_path_factory):
 
 
 @pytest.fixture
-def engine(engines, adapter_files, backend):  # noqa: F811 (engines is the imported fixture)
+def engine(engines, adapter_files, backend):
     """The module's engine for ``backend`` with adapters a and b loaded; cleaned up after."""
     shared, _ = engines(backend)
     for name, path in adapter_files(backend).items():

@@ -114,7 +114,7 @@ def test_cli_adapter_with_a_scale_stream_and_stop(gguf_path, lora_dir, engine):
 
 @pytest.mark.slow
 def test_litert_lm_engine_recreation_keeps_answers(gguf_path, tmp_path):
-    from test_hostile import KITS, backend_model
+    from backend_kits import KITS, backend_model
 
     model = backend_model("mediapipe", gguf_path)
     adapter = KITS["mediapipe"].adapter(model, tmp_path / "lora", 3)

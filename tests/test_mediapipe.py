@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, greedy
 
 import edgegemma
 from edgegemma import AdapterError, ContextOverflowError, InvalidParameterError
@@ -103,10 +103,6 @@ def adapters(tmp_path_factory, bundles) -> dict[str, Path]:
         read_peft(write_peft(root / "a16", twin, alpha=32)), root / "a16.lora", model
     )
     return files
-
-
-def _greedy(engine, prompt: str, n: int = 16, **kw) -> list[int]:
-    return engine.generate(prompt, max_tokens=n, **kw).token_ids
 
 
 # -- conversion ------------------------------------------------------------------------------
@@ -254,8 +250,8 @@ def test_stream_stop_strings_and_seeded_sampling(engine):
     first = engine.generate("Once upon a time", max_tokens=20, temperature=0.8, seed=7)
     again = engine.generate("Once upon a time", max_tokens=20, temperature=0.8, seed=7)
     assert first.token_ids == again.token_ids
-    assert engine.generate(engine.tokenize(PROMPT), max_tokens=8).token_ids == _greedy(
-        engine, PROMPT, 8
+    assert engine.generate(engine.tokenize(PROMPT), max_tokens=8).token_ids == greedy(
+        engine, max_tokens=8
     )
     # The runtime's own benchmark figures come with the engine's.
     runtime = engine.generate(PROMPT, max_tokens=4).stats.runtime
@@ -305,7 +301,7 @@ def test_context_limits_map_onto_on_overflow(engine, bundles):
         engine.generate(PROMPT, max_tokens=8, on_overflow="shift")
     with pytest.raises(InvalidParameterError, match="2048-token KV cache"):
         edgegemma.load(bundles["task"], n_ctx=4096)
-    assert _greedy(engine, PROMPT, 4)  # still usable
+    assert greedy(engine, max_tokens=4)  # still usable
 
 
 # -- adapters --------------------------------------------------------------------------------
@@ -316,25 +312,25 @@ def test_hot_swap_on_one_engine(engine, adapters):
     engine.load_adapter("b", adapters["b"])
     engine.load_adapter("a16", adapters["a16"])
     try:
-        base = _greedy(engine, PROMPT)
-        with_a = _greedy(engine, PROMPT, adapters={"a": 1.0})
+        base = greedy(engine, max_tokens=16)
+        with_a = greedy(engine, max_tokens=16, adapters={"a": 1.0})
         assert with_a != base
-        assert _greedy(engine, PROMPT) == base
-        with_b = _greedy(engine, PROMPT, adapters={"b": 1.0})
+        assert greedy(engine, max_tokens=16) == base
+        with_b = greedy(engine, max_tokens=16, adapters={"b": 1.0})
         assert with_b not in (base, with_a)
-        assert _greedy(engine, PROMPT, adapters={"a": 1.0}) == with_a
+        assert greedy(engine, max_tokens=16, adapters={"a": 1.0}) == with_a
         assert (
-            _greedy(engine, PROMPT, adapters={"a16": 1.0}) == with_a
+            greedy(engine, max_tokens=16, adapters={"a16": 1.0}) == with_a
         )  # rank 8 padded == rank 16 twin
-        assert _greedy(engine, PROMPT, adapters={"a": 0.0}) == base
+        assert greedy(engine, max_tokens=16, adapters={"a": 0.0}) == base
         engine.set_adapters({"b": 1.0})
-        assert _greedy(engine, PROMPT) == with_b
+        assert greedy(engine, max_tokens=16) == with_b
         engine.set_adapters(None)
-        assert _greedy(engine, PROMPT) == base
+        assert greedy(engine, max_tokens=16) == base
         # Two adapters together are one LoRA of their summed rank, whose product is the scaled
         # sum. (Only a float32 model gives token-identical text for equal sums: dynamic_int8
         # quantizes the LoRA branch's activations too.)
-        both = _greedy(engine, PROMPT, adapters={"a": 0.5, "a16": 1.5})
+        both = greedy(engine, max_tokens=16, adapters={"a": 0.5, "a16": 1.5})
         assert both not in (base, with_b)
         _, a = read_lora(adapters["a"])
         _, a16 = read_lora(adapters["a16"])
@@ -346,7 +342,7 @@ def test_hot_swap_on_one_engine(engine, adapters):
         )
         with pytest.raises(AdapterError, match="rank 16 at a time"):
             engine.generate(PROMPT, max_tokens=4, adapters={"a": 1.0, "b": 1.0})
-        assert _greedy(engine, PROMPT, adapters={"b": 1.0}) == with_b
+        assert greedy(engine, max_tokens=16, adapters={"b": 1.0}) == with_b
     finally:
         engine.set_adapters(None)
         for name in list(engine.adapters):

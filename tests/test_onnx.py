@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, greedy
+from loras import random_peft
 
 import edgegemma
 from edgegemma import AdapterError, ContextOverflowError, ModelError
 from edgegemma.adapters.onnx import from_peft as to_onnx_adapter
 from edgegemma.adapters.onnx import lora_inputs
 from edgegemma.adapters.onnx import write_adapter as write_onnx_adapter
-from edgegemma.adapters.peft import read_peft, write_peft
+from edgegemma.adapters.peft import read_peft
 from edgegemma.builds import read_manifest, verify_build
 from edgegemma.convert.checkpoint import float_checkpoint
 from edgegemma.sampling import SamplingParams
@@ -37,12 +38,6 @@ TEXT = (
     "knowledge was checked and shared. Pamphlets and newspapers followed, and with them new ideas about "
     "religion, science and government spread faster than any authority could control."
 )
-ATTENTION = {
-    "q_proj": (640, 1024),
-    "k_proj": (640, 256),
-    "v_proj": (640, 256),
-    "o_proj": (1024, 640),
-}
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,34 +89,14 @@ def clean(int4):
     int4.reset()
 
 
-def _random_peft(
-    path: Path,
-    *,
-    seed: int,
-    targets=("q_proj", "v_proj"),
-    rank: int = 8,
-    std: float = 0.05,
-    n_in_extra: int = 0,
-    alpha: float = 16.0,
-) -> Path:
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for layer in range(18):
-        for target in targets:
-            n_in, n_out = ATTENTION.get(target, (640, 2048))
-            weights[f"model.layers.{layer}.self_attn.{target}"] = (
-                rng.normal(0, std, (rank, n_in + n_in_extra)).astype(np.float32),
-                rng.normal(0, std, (n_out, rank)).astype(np.float32),
-            )
-    return write_peft(path, weights, alpha=alpha)
-
-
 @pytest.fixture(scope="session")
 def peft_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("peft")
     return {
-        "a": _random_peft(root / "a", seed=1),
-        "b": _random_peft(root / "b", seed=2, targets=("k_proj", "o_proj"), rank=4),
+        "a": random_peft(root / "a", seed=1),
+        "b": random_peft(
+            root / "b", seed=2, modules=("self_attn.k_proj", "self_attn.o_proj"), rank=4
+        ),
     }
 
 
@@ -140,10 +115,6 @@ def adapters(peft_dirs, onnx_int4, tmp_path_factory) -> dict[str, Path]:
         assert run.stdout.startswith(f"wrote {out} ")
         files[name] = out
     return files
-
-
-def _greedy(engine, **kwargs) -> list[int]:
-    return engine.generate(PROMPT, max_tokens=12, **kwargs).token_ids
 
 
 # -- conversion and the build cache -------------------------------------------------------
@@ -348,15 +319,15 @@ def test_cli_generate_on_onnx(onnx_int4: Path, adapters):
 def test_hot_swap_on_one_engine(clean, adapters):
     clean.load_adapter("a", adapters["a"])
     clean.load_adapter("b", adapters["b"])
-    base = _greedy(clean)
+    base = greedy(clean)
     clean.set_adapters({"a": 1.0})
-    a = _greedy(clean)
+    a = greedy(clean)
     clean.set_adapters(None)
-    base_again = _greedy(clean)
+    base_again = greedy(clean)
     clean.set_adapters({"b": 1.0})
-    b = _greedy(clean)
+    b = greedy(clean)
     clean.set_adapters({"a": 1.0})
-    a_again = _greedy(clean)
+    a_again = greedy(clean)
     assert base_again == base
     assert a_again == a
     assert len({tuple(base), tuple(a), tuple(b)}) == 3
@@ -366,23 +337,23 @@ def test_hot_swap_on_one_engine(clean, adapters):
 def test_scales_and_several_adapters(clean, adapters):
     clean.load_adapter("a", adapters["a"])
     clean.load_adapter("b", adapters["b"])
-    base = _greedy(clean, adapters=None)
-    a = _greedy(clean, adapters={"a": 1.0})
-    half = _greedy(clean, adapters={"a": 0.5})
-    both = _greedy(clean, adapters={"a": 1.0, "b": 1.0})
-    assert _greedy(clean, adapters={"a": 0.0}) == base
+    base = greedy(clean, adapters=None)
+    a = greedy(clean, adapters={"a": 1.0})
+    half = greedy(clean, adapters={"a": 0.5})
+    both = greedy(clean, adapters={"a": 1.0, "b": 1.0})
+    assert greedy(clean, adapters={"a": 0.0}) == base
     assert half not in (base, a) and both not in (base, a)
-    assert _greedy(clean, adapters={"b": 1.0, "a": 1.0}) == both
-    assert _greedy(clean, adapters={"a": 0.5}) == half
+    assert greedy(clean, adapters={"b": 1.0, "a": 1.0}) == both
+    assert greedy(clean, adapters={"a": 0.5}) == half
 
 
 def test_unload_after_use_and_reload(clean, adapters):
     clean.load_adapter("a", adapters["a"])
-    a = _greedy(clean, adapters={"a": 1.0})
-    _greedy(clean, adapters={"a": 0.5})  # a merged adapter made from "a"
+    a = greedy(clean, adapters={"a": 1.0})
+    greedy(clean, adapters={"a": 0.5})  # a merged adapter made from "a"
     clean.unload_adapter("a")
     clean.load_adapter("a", adapters["a"])
-    assert _greedy(clean, adapters={"a": 1.0}) == a
+    assert greedy(clean, adapters={"a": 1.0}) == a
 
 
 @pytest.mark.slow
@@ -440,10 +411,10 @@ def test_converted_peft_adapter_matches_transformers_and_peft(
 
 
 def test_adapter_for_other_modules_or_shapes_is_refused(clean, onnx_int4: Path, tmp_path: Path):
-    mlp = _random_peft(tmp_path / "mlp", seed=3, targets=("gate_proj",))
+    mlp = random_peft(tmp_path / "mlp", seed=3, modules=("mlp.gate_proj",))
     with pytest.raises(AdapterError, match="no LoRA inputs for .* q_proj"):
         to_onnx_adapter(read_peft(mlp), tmp_path / "mlp.onnx_adapter", onnx_int4)
-    wide = _random_peft(tmp_path / "wide", seed=4, n_in_extra=64)
+    wide = random_peft(tmp_path / "wide", seed=4, n_in_extra=64)
     with pytest.raises(AdapterError, match="maps 704 -> .* maps 640 ->"):
         to_onnx_adapter(read_peft(wide), tmp_path / "wide.onnx_adapter", onnx_int4)
 
@@ -455,7 +426,7 @@ def _write(path: Path, parameters: dict[str, np.ndarray]) -> Path:
 
 def test_adapter_files_that_do_not_fit_the_lora_inputs_are_refused(clean, onnx_int4, tmp_path):
     # NaN/inf, wrong shapes, truncated and junk files are in the table of tests/test_hostile.py.
-    base = _greedy(clean)
+    base = greedy(clean)
     spec = lora_inputs(onnx_int4)["model.layers.0.self_attn.q_proj"]
     rng = np.random.default_rng(0)
     good = {spec.a: rng.normal(size=(640, 4)), spec.b: rng.normal(size=(4, 1024))}
@@ -484,8 +455,8 @@ def test_adapter_files_that_do_not_fit_the_lora_inputs_are_refused(clean, onnx_i
             clean.load_adapter(name, path)
         assert name not in clean.adapters
     clean.load_adapter("ok", _write(tmp_path / "ok.onnx_adapter", good))
-    assert _greedy(clean, adapters={"ok": 1.0}) != base
-    assert _greedy(clean) == base
+    assert greedy(clean, adapters={"ok": 1.0}) != base
+    assert greedy(clean) == base
 
 
 # -- KV reuse and context policy -------------------------------------------------------------

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import PROMPT
-from test_hostile import BACKENDS, backend_model, engines  # noqa: F401 (a fixture)
+from backend_kits import BACKENDS, backend_model
+from conftest import PROMPT, free_port
 
 from edgegemma import skills
 
@@ -47,14 +47,8 @@ class Served:
         return httpx.get(f"{self.url}/health", timeout=10).json()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(log_dir: Path, *args: str) -> Served:
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"serve-{port}.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen(
@@ -113,7 +107,7 @@ def servers(tmp_path_factory, gguf_path) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def reference(engines, gguf_path):  # noqa: F811 (engines is the imported fixture)
+def reference(engines, gguf_path):
     """``reference(backend)``: the in-process engine of the backend, with the sensor adapter."""
 
     def get(backend: str):

@@ -8,8 +8,8 @@ import time
 
 import jsonschema
 import pytest
+from backend_kits import BACKENDS
 from conftest import PROMPT
-from test_hostile import BACKENDS, engines  # noqa: F401 (a fixture)
 
 import edgegemma
 from edgegemma import (
@@ -38,7 +38,7 @@ LABELS = [" normal", " warning", " critical"]
 
 
 @pytest.fixture
-def opened(engines, backend):  # noqa: F811 (engines is the imported fixture)
+def opened(engines, backend):
     """(engine on ``backend``, its greedy 8 tokens of PROMPT)."""
     return engines(backend)
 
