@@ -8,9 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .adapters.option import AdapterGrammar
+from .backends.base import round_n_ctx
 from .engine import HELDOUT_TEXT, OVERFLOW_POLICIES, load
 from .errors import EdgeGemmaError, InvalidParameterError
 from .models import default_model
+
+_ADAPTER = AdapterGrammar()
+"""``--adapter`` of generate and perplexity: one model on one backend, at any scale."""
 
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),
@@ -71,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "--adapter",
         action="append",
         default=[],
-        metavar="NAME=PATH[:SCALE]",
+        metavar=_ADAPTER.metavar,
         help="load a LoRA adapter and use it (repeatable; scale defaults to 1.0)",
     )
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -98,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--model", default=None, help="models.lock name or file path")
     ppl.add_argument("--backend", help="default: chosen from the model file")
     ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
-    ppl.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:SCALE]",
+    ppl.add_argument("--adapter", action="append", default=[], metavar=_ADAPTER.metavar,
                      help="score with this LoRA adapter (repeatable)")  # fmt: skip
     ppl.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
     return parser
@@ -106,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _generate(options: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if options.prompt == "-" else options.prompt
-    adapters = [_parse_adapter(spec) for spec in options.adapter]
+    adapters = [_ADAPTER.parse(spec) for spec in options.adapter]
     with load(
         options.model,
         backend=options.backend,
@@ -114,8 +119,8 @@ def _generate(options: argparse.Namespace) -> int:
         n_threads=options.threads,
         on_overflow=options.on_overflow,
     ) as engine:
-        for name, path, _ in adapters:
-            engine.load_adapter(name, path)
+        for adapter in adapters:
+            engine.load_adapter(adapter.name, adapter.path)
         stream = engine.stream(
             prompt,
             max_tokens=options.max_tokens,
@@ -124,7 +129,7 @@ def _generate(options: argparse.Namespace) -> int:
             top_p=options.top_p,
             seed=options.seed,
             stop=options.stop,
-            adapters={name: scale for name, _, scale in adapters},
+            adapters={adapter.name: adapter.scale for adapter in adapters},
         )
         with stream:
             for piece in stream:
@@ -149,15 +154,17 @@ def _perplexity(options: argparse.Namespace) -> int:
         text = Path(options.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidParameterError(f"cannot read {options.file}: {exc}") from None
-    adapters = [_parse_adapter(spec) for spec in options.adapter]
-    n_ctx = max(2048, -(-options.window // 256) * 256) if options.window > 0 else 2048
+    adapters = [_ADAPTER.parse(spec) for spec in options.adapter]
+    n_ctx = max(2048, round_n_ctx(options.window)) if options.window > 0 else 2048
     with load(
         options.model, backend=options.backend, n_ctx=n_ctx, n_threads=options.threads
     ) as engine:
-        for name, path, _ in adapters:
-            engine.load_adapter(name, path)
+        for adapter in adapters:
+            engine.load_adapter(adapter.name, adapter.path)
         result = engine.perplexity(
-            text, window=options.window, adapters={name: scale for name, _, scale in adapters}
+            text,
+            window=options.window,
+            adapters={adapter.name: adapter.scale for adapter in adapters},
         )
         print(
             f"perplexity {result.perplexity:.3f} ({options.model or default_model(options.backend)}, "
@@ -166,16 +173,3 @@ def _perplexity(options: argparse.Namespace) -> int:
             f"{result.seconds:.1f} s"
         )
     return 0
-
-
-def _parse_adapter(spec: str) -> tuple[str, str, float]:
-    name, sep, rest = spec.partition("=")
-    if not sep or not name or not rest:
-        raise InvalidParameterError(f"--adapter takes NAME=PATH[:SCALE], got {spec!r}")
-    path, colon, scale_text = rest.rpartition(":")
-    if colon:
-        try:
-            return name, path, float(scale_text)
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return name, rest, 1.0

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -44,17 +43,13 @@ import os
 import platform
 import re
 import shutil
-import stat
 import sys
 import tempfile
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
-
-from filelock import FileLock, Timeout
 
 from .errors import (
     ConversionError,
@@ -64,8 +59,8 @@ from .errors import (
     ModelError,
 )
 from .families import FAMILIES
-from .files import no_space
-from .locations import check_regular_file, home, lock_path, read_text
+from .files import locked, no_space, replace_durably, sha256_and_stat, write_atomically
+from .locations import home, lock_path, read_text
 from .recipes import gguf_options
 
 log = logging.getLogger("edgegemma")
@@ -419,7 +414,7 @@ def _fetch(entry: LockEntry, *, force: bool) -> Path:
     if not force and _is_cached(entry, target, _read_pin(folder)):
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / ".lock", f"{entry.name} is being fetched by another process; waiting"):
+    with _model_locked(folder, entry.name):
         # Whoever left these behind was killed: partials are only made under this lock.
         for stale in folder.glob(".partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -564,9 +559,7 @@ def _download(entry: LockEntry, target: Path, record: _Pin | None) -> Path:
                 expected=expected.sha256,
                 actual=sha256,
             )
-        _fsync(produced)
-        os.replace(produced, target)
-        _fsync(folder)
+        replace_durably(produced, target)
         _write_pin(folder, _Pin(entry.origin, sha256, size, commit, _stat_key(target.stat())))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -706,7 +699,7 @@ def _verify(entry: LockEntry) -> VerifyResult:
     target = folder / entry.artifact
     if not target.is_file():
         return VerifyResult(entry.name, "missing", target)
-    with _locked(folder / ".lock", f"{entry.name} is being fetched by another process; waiting"):
+    with _model_locked(folder, entry.name):
         if not target.is_file():
             return VerifyResult(entry.name, "missing", target)
         record = _read_pin(folder)
@@ -751,8 +744,9 @@ def pin(name: str) -> LockEntry:
     path = lock_path()
     folder = _model_dir(name)
     try:
-        with _locked(
-            home() / ".lockfile.lock", "another process is writing the lock file; waiting"
+        with locked(
+            home() / ".lockfile.lock",
+            waiting=lambda: log.info("another process is writing the lock file; waiting"),
         ):
             entries = read_lock(path)
             entry = _lookup(entries, name)
@@ -769,7 +763,7 @@ def pin(name: str) -> LockEntry:
                 else:
                     pinned = dataclasses.replace(entry, sha256_aarch64=sha256, size_aarch64=size)
                 entries[name] = pinned
-                _write_atomically(path.resolve(), _format_lock(entries))
+                write_atomically(path.resolve(), _format_lock(entries))
                 return pinned
             record = _read_pin(folder)
             if record is None:
@@ -781,7 +775,7 @@ def pin(name: str) -> LockEntry:
                 entry, sha256=record.sha256, size=record.size, revision=revision
             )
             entries[name] = pinned
-            _write_atomically(path.resolve(), _format_lock(entries))
+            write_atomically(path.resolve(), _format_lock(entries))
             _write_pin(folder, dataclasses.replace(record, origin=pinned.origin))
     except OSError as exc:
         raise ModelError(
@@ -836,11 +830,16 @@ def looks_like_a_name(text: str) -> bool:
 
 def _hash(path: Path) -> tuple[str, int, tuple[int, int, int, int]]:
     """sha256, size and stat key of a file, the stat taken from the very file hashed."""
-    check_regular_file(path)
-    with open(path, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    digest, info = sha256_and_stat(path)
     return digest, info.st_size, _stat_key(info)
+
+
+def _model_locked(folder: Path, name: str) -> AbstractContextManager[None]:
+    """One fetch or verify of a model at a time."""
+    return locked(
+        folder / ".lock",
+        waiting=lambda: log.info("%s is being fetched by another process; waiting", name),
+    )
 
 
 def _stat_key(info: os.stat_result) -> tuple[int, int, int, int]:
@@ -868,52 +867,7 @@ def _read_pin(folder: Path) -> _Pin | None:
 
 
 def _write_pin(folder: Path, record: _Pin) -> None:
-    _write_atomically(folder / "pin.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        mode = 0o644
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    # A rename can reach the disk before the data it names; after a power cut the cache
-    # would hold a finished-looking file of zeros.
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-@contextmanager
-def _locked(path: Path, waiting: str) -> Iterator[None]:
-    """Hold an exclusive file lock on ``path`` (flock on POSIX, a locked file on Windows); the
-    operating system drops it if this process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info(waiting)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    write_atomically(folder / "pin.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
 
 
 # -- command line ----------------------------------------------------------------------

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from . import importance
-from .builds import Progress, cached_build, sha256_file, tool_versions
+from .builds import Progress, cached_build, tool_versions
 from .errors import ConversionError
-from .files import disk_full
+from .files import disk_full, sha256_file
 from .gguffile import read_header
 from .recipes import gguf_options
 from .stderr import captured_stderr

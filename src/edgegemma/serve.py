@@ -45,6 +45,7 @@ except ModuleNotFoundError as exc:  # the server is an optional extra
     ) from None
 
 from . import __version__
+from .adapters.option import AdapterGrammar
 from .engine import (
     ENGINE_ADAPTERS,
     OVERFLOW_POLICIES,
@@ -62,6 +63,9 @@ from .errors import (
     InvalidParameterError,
 )
 from .models import default_model, looks_like_a_name
+
+_ADAPTER = AdapterGrammar(scale=False)
+"""``--adapter`` of serve: each request sets the scales of the adapters it uses."""
 
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 4 << 20
@@ -959,8 +963,8 @@ def _parser() -> argparse.ArgumentParser:
         "--adapter",
         action="append",
         default=[],
-        metavar="NAME=PATH",
-        help="load an adapter, served as MODEL:NAME (repeatable)",
+        metavar=_ADAPTER.metavar,
+        help="load an adapter, served as MODEL:NAME (repeatable; each request sets its scale)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="default: %(default)s (this machine only)"
@@ -1053,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning = exposure_warning(options.host, options.api_key)
     if warning:
         print(f"edgegemma serve: warning: {warning}", file=sys.stderr, flush=True)
-    adapters = [_parse_adapter(spec) for spec in options.adapter]
+    adapters = [_ADAPTER.parse(spec) for spec in options.adapter]
     model = options.model or default_model(options.backend)
     name = options.name or (model if looks_like_a_name(model) else Path(model).stem)
     if ":" in name:
@@ -1066,8 +1070,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_overflow=options.on_overflow,
         prefix_cache=options.prefix_cache,
     ) as engine:
-        for adapter, path in adapters:
-            engine.load_adapter(adapter, path)
+        for adapter in adapters:
+            engine.load_adapter(adapter.name, adapter.path)
         app = create_app(
             engine,
             model=name,
@@ -1094,13 +1098,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         server.run()
     return 0
-
-
-def _parse_adapter(spec: str) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path or ":" in name:
-        raise InvalidParameterError(f"--adapter takes NAME=PATH (NAME without ':'), got {spec!r}")
-    return name, path
 
 
 if __name__ == "__main__":

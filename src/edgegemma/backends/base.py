@@ -101,6 +101,15 @@ class Features:
     """:meth:`Backend.set_threads` works: the engine then follows the free cores per call."""
 
 
+N_CTX_STEP = 256
+"""llama.cpp pads its context to a multiple of this; every backend is given the same window."""
+
+
+def round_n_ctx(n: int) -> int:
+    """``n`` tokens of context rounded up to a multiple of :data:`N_CTX_STEP`."""
+    return -(-n // N_CTX_STEP) * N_CTX_STEP
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """Load-time settings every backend understands."""

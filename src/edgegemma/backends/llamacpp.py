@@ -43,6 +43,7 @@ from .base import (
     ModelInfo,
     TokenMask,
     apply_mask,
+    round_n_ctx,
     target_log_probs,
 )
 
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
 else:
     ll = import_submodule("llama_cpp.llama_cpp")  # the C bindings alone: partial_import.py
 
-_N_CTX_STEP = 256
-"""llama.cpp pads n_ctx to this multiple; asking for exactly that avoids surprises."""
 _N_BATCH = 512
 _ROW_GROUP = 4
 """llama.cpp's repacked CPU kernels (Q4_K, IQ4_NL, ...) multiply a batch's rows four at a time
@@ -208,7 +207,7 @@ class LlamaCppBackend(Backend):
             raise ModelError(f"{path.name} is a GGUF {header.file_type!r}, not a model")
         require(header.architecture, "backend:llamacpp", path.name)
         n_ctx_train = header.arch_value("context_length")
-        n_ctx = -(-options.n_ctx // _N_CTX_STEP) * _N_CTX_STEP
+        n_ctx = round_n_ctx(options.n_ctx)
         if isinstance(n_ctx_train, int) and n_ctx > n_ctx_train:
             raise InvalidParameterError(
                 f"n_ctx={options.n_ctx} is larger than the {n_ctx_train} tokens {path.name} was trained for"

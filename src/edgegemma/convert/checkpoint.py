@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..builds import Progress, cached_build, sha256_file, tool_versions, tree_sha256
+from ..builds import Progress, cached_build, tool_versions, tree_sha256
 from ..errors import ConversionError, UnsupportedArchitectureError
+from ..files import sha256_file
 from ..gguffile import read_header
 
 KIND = "checkpoint"
