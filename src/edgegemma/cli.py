@@ -72,13 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--backend", help="llamacpp, onnx or mediapipe (default: chosen from the model file)"
     )
-    gen.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar=_ADAPTER.metavar,
-        help="load a LoRA adapter and use it (repeatable; scale defaults to 1.0)",
-    )
+    _ADAPTER.add_to(gen, "load a LoRA adapter and use it (repeatable; scale defaults to 1.0)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     gen.add_argument("--top-k", type=int, default=40)
@@ -103,8 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--model", default=None, help="models.lock name or file path")
     ppl.add_argument("--backend", help="default: chosen from the model file")
     ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
-    ppl.add_argument("--adapter", action="append", default=[], metavar=_ADAPTER.metavar,
-                     help="score with this LoRA adapter (repeatable)")  # fmt: skip
+    _ADAPTER.add_to(ppl, "score with this LoRA adapter (repeatable)")
     ppl.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
     return parser
 

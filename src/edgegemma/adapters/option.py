@@ -14,6 +14,7 @@ no BACKEND (it runs one). A ``:`` in PATH is part of the path unless a number fo
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NoReturn
@@ -49,6 +50,13 @@ class AdapterGrammar:
         prefix = "[BACKEND:]" if self.backends else ""
         one = f"{prefix}NAME=PATH{'[:SCALE]' if self.scale else ''}"
         return f"{one}|{prefix}SKILL" if self.skills else one
+
+    def add_to(self, parser: argparse._ActionsContainer, help: str) -> None:
+        """Add a repeatable ``--adapter`` of this grammar to ``parser`` (or an argument group);
+        its values are the texts, for :meth:`parse`."""
+        parser.add_argument(
+            "--adapter", action="append", default=[], metavar=self.metavar, help=help
+        )
 
     def parse(self, text: str) -> AdapterOption:
         """``text`` as an :class:`AdapterOption`; :class:`InvalidParameterError` if it does

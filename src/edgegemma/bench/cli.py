@@ -97,14 +97,11 @@ def run_parser() -> argparse.ArgumentParser:
         help="model name from models.lock or path, for every backend or for BACKEND only "
         "(repeatable; default: what edgegemma.load(backend=...) opens)",
     )
-    what.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar=_adapter_grammar().metavar,
-        help="also measure every workload with this LoRA adapter (at scale 1), and its swap "
-        "time; BACKEND: gives one backend its own file; a bare skill name (sensor, emoji) "
-        "takes the shipped skill's adapter for each backend (repeatable)",
+    _adapter_grammar().add_to(
+        what,
+        "also measure every workload with this LoRA adapter (at scale 1), and its swap time; "
+        "BACKEND: gives one backend its own file; a bare skill name (sensor, emoji) takes the "
+        "shipped skill's adapter for each backend (repeatable)",
     )
     what.add_argument(
         "-p",

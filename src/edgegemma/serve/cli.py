@@ -33,12 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", help="the model id clients send (default: the model's name or file stem)"
     )
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar=_ADAPTER.metavar,
-        help="load an adapter, served as MODEL:NAME (repeatable; each request sets its scale)",
+    _ADAPTER.add_to(
+        parser, "load an adapter, served as MODEL:NAME (repeatable; each request sets its scale)"
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="default: %(default)s (this machine only)"
