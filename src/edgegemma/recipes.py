@@ -109,8 +109,8 @@ LITERT_QUANTS = (
 activations at run time (fastest), ``weight_only_int8`` only stores int8 weights."""
 LITERT_DEFAULT_QUANT = "dynamic_int8"
 """The fastest and smallest recipe; with LoRA inputs too: measured in docs/mediapipe.md, it
-keeps trained adapters' effect (weight_only_int8 keeps more of it but needs ~4 GB of memory
-at run time, none/float32 is exact at 1.9 GB and a 1 GB file)."""
+keeps trained adapters' effect (weight_only_int8 keeps more of it but needs several times
+the memory at run time, none/float32 is exact but the largest)."""
 LITERT_DEFAULT_CONTEXT = 2048
 """KV cache positions, the largest ``n_ctx`` the model can be loaded with (edgegemma's default)."""
 LITERT_PREFILL_LENGTH = 128

@@ -193,8 +193,8 @@ class LlamaCppBackend(Backend):
             bos_id=bos if bos >= 0 and ll.llama_vocab_get_add_bos(self._vocab) else None,
             eog_ids=eog,
             can_shift=bool(ll.llama_memory_can_shift(self._memory)),
-            # Measured: identical logits without adapters (given _ROW_GROUP); under a LoRA, whose
-            # float32 products take other kernels for other batch sizes, up to ~1.0 apart.
+            # Identical logits without adapters (given _ROW_GROUP); under a LoRA, whose float32
+            # products take other kernels for other batch sizes, they can differ visibly.
             exact_reuse=True,
             description=_model_description(model),
             chat_template=template if isinstance(template, str) and template else None,
@@ -223,8 +223,8 @@ class LlamaCppBackend(Backend):
         # (docs/models.md has both figures).
         model_params.use_extra_bufts = repack
         # Repacking reads every page of the mapped file, and the pages read stay resident:
-        # the stored and the repacked copy would both count (+97 MiB peak RSS for the default
-        # model). The file's pages are given back while loading; those still used as stored
+        # the stored and the repacked copy would both count (docs/models.md has the peak RSS).
+        # The file's pages are given back while loading; those still used as stored
         # fault back in from the page cache on first use.
         released = 0.0
 
@@ -258,7 +258,7 @@ class LlamaCppBackend(Backend):
         ctx_params.n_threads = options.n_threads
         ctx_params.n_threads_batch = options.n_threads
         # A full-size sliding-window cache keeps every position, so a prefix can be reused and
-        # the context shifted at any length (the cache is ~18 KB per token for this model).
+        # the context shifted at any length (it costs the KV memory of a full-attention layer).
         ctx_params.swa_full = True
         ctx_params.no_perf = True
         with _native_log.capture() as lines:

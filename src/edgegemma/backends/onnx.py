@@ -490,8 +490,8 @@ def _special_tokens(model_dir: Path) -> set[int]:
     """Ids of the tokenizer's special added tokens (``<bos>``, ``<start_of_turn>``, ...)."""
     path = model_dir / "tokenizer.json"
     try:
-        # Only the added_tokens list near the top is parsed: the whole 33 MB file as a str and
-        # a JSON tree would raise the process's peak memory by ~0.25 GB.
+        # Only the added_tokens list near the top is parsed: the whole file as a str and a
+        # JSON tree would raise the process's peak memory many times over the file's size.
         data = path.read_bytes()
         start = data.index(b"[", data.index(b'"added_tokens"'))
         window = 1 << 20
