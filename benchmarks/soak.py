@@ -51,7 +51,7 @@ TARGETS = {"q_proj": "attn_q", "v_proj": "attn_v"}
 RANK = 4
 """Small enough that two adapters fit LiteRT-LM's one rank-16 LoRA together."""
 
-CONVERT_ARGS = {"onnx": ("--to", "onnx"), "mediapipe": ("--to", "litertlm", "--lora-rank", "16")}
+CONVERT_ARGS = {"onnx": ("--to", "onnx"), "mediapipe": ("--to", "litert", "--lora-rank", "16")}
 """``edgegemma convert GGUF`` arguments that build each backend's model (llama.cpp runs the GGUF)."""
 
 

@@ -234,7 +234,7 @@ KITS: dict[str, Kit] = {
         },
     ),
     "mediapipe": Kit(
-        convert_args=("--to", "litertlm", "--lora-rank", "16"),
+        convert_args=("--to", "litert", "--lora-rank", "16"),
         adapter=_litert_adapter,
         rewrite_adapter=_rewrite_litert,
         broken_models={

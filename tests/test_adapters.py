@@ -28,8 +28,9 @@ from edgegemma.adapters.peft import (
     read_safetensors,
     write_safetensors,
 )
-from edgegemma.builds import cached_build, sha256_file
+from edgegemma.builds import cached_build
 from edgegemma.errors import AdapterError
+from edgegemma.files import sha256_file
 from edgegemma.gguffile import read_header, tensor_array
 
 PROMPT = "The gateway reported temp=81.2C vib=0.93g and then"
@@ -388,11 +389,9 @@ def test_onnx_target_names_what_it_needs_or_converts(tmp_path, gguf_path):
         assert out.stat().st_size > 0
 
 
-def test_mediapipe_target_converts_with_numpy_alone(tmp_path, gguf_path, capsys):
+def test_litert_target_converts_with_numpy_alone(tmp_path, gguf_path, capsys):
     peft = _peft(tmp_path / "peft", seed=11, modules=tuple(MODULES)[:4])
-    assert (
-        adapters.main(["convert", str(peft), "--to", "mediapipe", "--model", str(gguf_path)]) == 0
-    )
+    assert adapters.main(["convert", str(peft), "--to", "litert", "--model", str(gguf_path)]) == 0
     assert adapters.main(["inspect", str(peft / "adapter.lora")]) == 0
     printed = capsys.readouterr().out
     # LiteRT-LM runs ranks 16 and 32 only: rank 8 is zero-padded, the scale folded in.

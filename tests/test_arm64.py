@@ -78,9 +78,10 @@ QUANTIZE_SCRIPT = """
 import hashlib, sys
 from pathlib import Path
 from edgegemma import models
+from edgegemma.models.cache import variant_options
 from edgegemma.quantize import quantize
 entry = models.read_lock()[sys.argv[2]]
-quantize(Path(sys.argv[1]), Path(sys.argv[3]), models._variant_options(entry))
+quantize(Path(sys.argv[1]), Path(sys.argv[3]), variant_options(entry))
 print(hashlib.sha256(Path(sys.argv[3]).read_bytes()).hexdigest())
 """
 

@@ -96,7 +96,7 @@ def test_shipped_sensor_task_is_the_skills_held_out_split():
         assert row["input"] in test_inputs
         assert row["expected"] == sensor.label(row["input"])
         assert row["prompt"] == skills.few_shot_prompt("sensor", row["input"])
-        assert row["adapter_prompt"] == skills.sensor_prompt(row["input"])
+        assert row["adapter_prompt"] == skills.prompt("sensor", row["input"])
     example = load_task("sensor").examples[0]
     assert example.prompt_for("sensor") == example.adapter_prompt
     assert example.prompt_for(None) == example.prompt
@@ -164,18 +164,19 @@ def test_sizes_and_requests():
     request = cli.request_from(
         cli.run_parser().parse_args([
             "-p", "16,32", "-n", "0", "--task", "none", "-t", "3", "--adapter", "a=/x/a.gguf",
-            "--adapter", "llamacpp:a=/x/a-llama.gguf", "--adapter", "c:d=/x/c:d.gguf",
+            "--adapter", "llamacpp:a=/x/a-llama.gguf", "--adapter", "c=/x/c:d.gguf",
         ])
     )  # fmt: skip
     assert request.synthetic == [Synthetic("pp", 16), Synthetic("pp", 32)]
     assert request.tasks == ()
-    assert request.adapters_for("llamacpp") == {"a": "/x/a-llama.gguf", "c:d": "/x/c:d.gguf"}
-    assert request.adapters_for("onnx") == {"a": "/x/a.gguf", "c:d": "/x/c:d.gguf"}
+    assert request.adapters_for("llamacpp") == {"a": "/x/a-llama.gguf", "c": "/x/c:d.gguf"}
+    assert request.adapters_for("onnx") == {"a": "/x/a.gguf", "c": "/x/c:d.gguf"}
     # The ssh target sends the same request to the remote harness.
     again = cli.request_from(cli.run_parser().parse_args(request.to_argv()))
     assert again == request
-    with pytest.raises(InvalidParameterError, match="NAME=PATH"):
-        cli.request_from(cli.run_parser().parse_args(["--adapter", "nopath"]))
+    for wrong in ("nopath", "c:d=/x/d.gguf", "a=/x/a.gguf:0.5"):
+        with pytest.raises(InvalidParameterError, match="NAME=PATH"):
+            cli.request_from(cli.run_parser().parse_args(["--adapter", wrong]))
     skill = cli.request_from(cli.run_parser().parse_args(["--adapter", "sensor"]))
     assert skill.adapters_for("llamacpp") == {"sensor": str(skills.adapter_path("sensor"))}
     assert cli.request_from(cli.run_parser().parse_args(skill.to_argv())) == skill

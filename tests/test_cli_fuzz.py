@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from edgegemma.adapters.option import AdapterGrammar, AdapterOption
+from edgegemma.errors import InvalidParameterError
+
 FIFO_NAME = "fifo"
 
 
@@ -56,6 +59,9 @@ CASES = [
     ["edgegemma", "generate", "x", "--adapter", "broken"],
     ["edgegemma", "generate", "x", "--adapter", "a=text.txt"],
     ["edgegemma", "generate", "x", "--adapter", "a=folder:0.5"],
+    ["edgegemma", "generate", "x", "--adapter", "llamacpp:a=text.txt"],
+    ["edgegemma", "serve", "--adapter", "a=text.txt:0.5"],
+    ["edgegemma", "serve", "--adapter", "sensor"],
     ["edgegemma", "generate", "x", "--on-overflow", "sideways"],
     ["edgegemma", "perplexity", "folder"],
     ["edgegemma", "perplexity", "text.txt", "--window", "3"],
@@ -120,3 +126,25 @@ def test_mediapipe_with_an_unusable_home_is_a_model_error(tmp_path, gguf_path):
     )
     assert found.returncode == 1 and "Traceback" not in found.stderr
     assert str(home) in found.stderr
+
+
+def test_one_adapter_grammar_each_command_taking_its_parts():
+    everything = AdapterGrammar(backends=("llamacpp", "onnx"), skills=("sensor",))
+    assert everything.parse("a=/x/a.gguf") == AdapterOption("a", "/x/a.gguf")
+    assert everything.parse("a=/x/a.gguf:0.5") == AdapterOption("a", "/x/a.gguf", 0.5)
+    assert everything.parse("a=C:/x/a:b.gguf") == AdapterOption("a", "C:/x/a:b.gguf")
+    assert everything.parse("onnx:a=a.onnx_adapter:2") == AdapterOption(
+        "a", "a.onnx_adapter", 2.0, "onnx"
+    )
+    assert everything.parse("sensor") == AdapterOption("sensor", "")
+    assert everything.parse("llamacpp:sensor") == AdapterOption("sensor", "", backend="llamacpp")
+    assert everything.metavar == "[BACKEND:]NAME=PATH[:SCALE]|[BACKEND:]SKILL"
+    generate, serve = AdapterGrammar(), AdapterGrammar(scale=False)
+    assert (generate.metavar, serve.metavar) == ("NAME=PATH[:SCALE]", "NAME=PATH")
+    refused = [
+        (everything, "emoji"), (everything, "mediapipe:a=x"), (everything, "a="), (everything, "=x"),
+        (generate, "sensor"), (generate, "onnx:a=x"), (serve, "a=x:0.5"), (serve, "a:b=x"),
+    ]  # fmt: skip
+    for grammar, text in refused:
+        with pytest.raises(InvalidParameterError, match=f"--adapter takes .*got {text!r}"):
+            grammar.parse(text)

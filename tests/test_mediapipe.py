@@ -54,10 +54,12 @@ def _convert(*args: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def bundles(gguf_path: Path) -> dict[str, Path]:
-    task = Path(_convert(str(gguf_path), "--to", "task", "--lora-rank", "16")[0])
-    litertlm = Path(_convert(str(gguf_path), "--to", "litertlm", "--lora-rank", "16")[0])
-    assert task.parent == litertlm.parent, "both bundles come from one cached build"
-    return {"task": task, "litertlm": litertlm}
+    printed = _convert(str(gguf_path), "--to", "litert", "--lora-rank", "16")
+    found = {
+        Path(line).suffix[1:]: Path(line) for line in printed if line.endswith(("task", "litertlm"))
+    }
+    assert found["task"].parent == found["litertlm"].parent, "both bundles from one build"
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 from hubserver import FakeHub
 
+import edgegemma
 from edgegemma import models
 from edgegemma.errors import IntegrityError, InvalidParameterError, ModelError
+from edgegemma.models import cache as model_cache
+from edgegemma.models.lock import format_lock
 
 REPO = "acme/gemma-test-GGUF"
 FILENAME = "gemma-test-Q8_0.gguf"
@@ -166,7 +169,7 @@ def gemma_home(tmp_path_factory: pytest.TempPathFactory):
 
 def test_packaged_lock_is_valid_and_canonical() -> None:
     entries = models.read_lock()
-    assert models.lock_path() == Path(models.__file__).with_name("models.lock")
+    assert models.lock_path() == Path(edgegemma.__file__).with_name("models.lock")
     gemma = entries["gemma3-270m"]
     assert (gemma.format, gemma.source, gemma.package, gemma.file) == (
         "gguf",
@@ -180,7 +183,7 @@ def test_packaged_lock_is_valid_and_canonical() -> None:
         if entry.source == "hf" and entry.sha256 is not None:
             assert re.fullmatch(r"[0-9a-f]{40}", str(entry.revision)), entry.name
     # `models lock` rewrites the file in this form, so a pin changes only the lines it pins.
-    assert models._format_lock(entries) == models.lock_path().read_text(encoding="utf-8")
+    assert format_lock(entries) == models.lock_path().read_text(encoding="utf-8")
 
 
 SHIPPED_HUB_ENTRIES = [e for e in models.read_lock().values() if e.source == "hf"]
@@ -308,8 +311,8 @@ def test_hub_fetch_verifies_caches_and_hits_cheaply(
     assert copies == [path]
 
     hashed: list[Path] = []
-    real_hash = models._hash
-    monkeypatch.setattr(models, "_hash", lambda p: hashed.append(p) or real_hash(p))
+    real_hash = model_cache.hash_file
+    monkeypatch.setattr(model_cache, "hash_file", lambda p: hashed.append(p) or real_hash(p))
     assert models.resolve("tiny") == path
     assert models.fetch("tiny") == path
     assert hashed == []  # a hit is a stat, not a hash
@@ -523,7 +526,7 @@ def test_pypi_fetch_assembles_and_verifies(
     def no_hashing(path: Path) -> None:
         raise AssertionError(f"a cache hit re-hashed {path}")
 
-    monkeypatch.setattr(models, "_hash", no_hashing)
+    monkeypatch.setattr(model_cache, "hash_file", no_hashing)
     assert models.resolve("gemma3-270m") == path  # what every edgegemma.load() does
 
 

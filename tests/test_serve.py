@@ -627,7 +627,7 @@ def test_without_the_server_extra_the_command_says_what_to_install():
 
 
 def test_it_binds_to_localhost_by_default():
-    from edgegemma.serve import _parser
+    from edgegemma.serve.cli import _parser
 
     options = _parser().parse_args([])
     assert options.host == "127.0.0.1"

@@ -34,7 +34,7 @@ def skill_engine(engine):
 def test_sensor_data_follow_the_rule_and_test_readings_are_unseen():
     train, test = skills.examples("sensor", "train"), skills.examples("sensor", "test")
     for example in train + test:
-        assert example.prompt == skills.sensor_prompt(example.input)
+        assert example.prompt == skills.prompt("sensor", example.input)
         assert example.completion == " " + sensor.label(example.input)
     assert not {e.input for e in test} & {e.input for e in train}
     labels = [skills.sensor_label(e.completion) for e in test]
@@ -72,7 +72,7 @@ def test_emoji_data_and_metric():
     assert len(test) == 120 and len(train) == 600
     assert not {e.input for e in test} & {e.input for e in train}
     for example in train + test:
-        assert example.prompt == skills.emoji_prompt(example.input)
+        assert example.prompt == skills.prompt("emoji", example.input)
         assert emoji.score(example.completion, example.accepted)
     accepted = frozenset({"🎂", "🎉", "🥳"})
     assert emoji.score(" 🎉🥳", accepted) and emoji.score("🎈 🎉", accepted)
@@ -187,22 +187,26 @@ def test_switching_skills_per_call_keeps_each_answer(skill_engine):
     reading, phrase = "temp=95.1C vib=0.3g batt=3.9V", "pizza night with friends"
     alone = [
         skill_engine.generate(
-            skills.sensor_prompt(reading), adapters={"sensor": 1.0}, **skills.GENERATION["sensor"]
+            skills.prompt("sensor", reading),
+            adapters={"sensor": 1.0},
+            **skills.GENERATION["sensor"],
         ).text,
         skill_engine.generate(
-            skills.emoji_prompt(phrase), adapters={"emoji": 1.0}, **skills.GENERATION["emoji"]
+            skills.prompt("emoji", phrase), adapters={"emoji": 1.0}, **skills.GENERATION["emoji"]
         ).text,
     ]
     for _ in range(2):
         assert (
             skill_engine.generate(
-                skills.emoji_prompt(phrase), adapters={"emoji": 1.0}, **skills.GENERATION["emoji"]
+                skills.prompt("emoji", phrase),
+                adapters={"emoji": 1.0},
+                **skills.GENERATION["emoji"],
             ).text
             == alone[1]
         )
         assert (
             skill_engine.generate(
-                skills.sensor_prompt(reading),
+                skills.prompt("sensor", reading),
                 adapters={"sensor": 1.0},
                 **skills.GENERATION["sensor"],
             ).text

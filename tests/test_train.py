@@ -18,7 +18,7 @@ from edgegemma.adapters import inspect
 from edgegemma.adapters.peft import read_peft
 from edgegemma.errors import InvalidParameterError
 
-PROMPT = skills.sensor_prompt("temp=95.5C vib=0.2g batt=3.9V")
+PROMPT = skills.prompt("sensor", "temp=95.5C vib=0.2g batt=3.9V")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import platform
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from edgegemma.errors import (
     ModelError,
 )
 from edgegemma.gguffile import read_header
+from edgegemma.models.cache import variant_build
 from edgegemma.quantize import FILE, build_gguf, quantize_rows
 from edgegemma.recipes import gguf_options
 
@@ -103,7 +106,7 @@ def test_a_variant_that_does_not_hash_as_pinned_is_refused(tmp_path, monkeypatch
         models.fetch("gemma3-270m-embed-q4_0")
     assert caught.value.expected == "0" * 64
     assert (
-        models._variant_build(  # the refused build is not left in the cache
+        variant_build(  # the refused build is not left in the cache
             models.read_lock()["gemma3-270m-embed-q4_0"], models.read_lock()["gemma3-270m"]
         )
         is None
@@ -141,8 +144,8 @@ def test_a_variant_is_pinned_per_cpu_architecture(system, machine, pinned, monke
     and a platform without one takes the build of the verified base as made."""
     entry = models.read_lock()["gemma3-270m-embed-iq4_nl"]
     assert entry.sha256 and entry.sha256_aarch64 and entry.sha256 != entry.sha256_aarch64
-    monkeypatch.setattr(models.sys, "platform", system)
-    monkeypatch.setattr(models.platform, "machine", lambda: machine)
+    monkeypatch.setattr(sys, "platform", system)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
     expected = {
         "x86": (entry.sha256, entry.size),
         "arm": (entry.sha256_aarch64, entry.size_aarch64),

@@ -17,17 +17,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from .errors import ConversionError, EdgeGemmaError
-from .files import no_space
-from .locations import check_regular_file, home, read_text
+from .files import locked, no_space, replace_durably, sha256_file
+from .locations import home, read_text
 
 MANIFEST = "edgegemma-build.json"
 """Name of the manifest file inside every finished build folder."""
@@ -35,22 +32,11 @@ MANIFEST = "edgegemma-build.json"
 _LAYOUT_VERSION = "1"
 """Bump when the manifest or folder layout changes: every build key changes with it."""
 
-_CHUNK = 1 << 20
-
 Progress = Callable[[str], None]
 
 
 def builds_root() -> Path:
     return home() / "builds"
-
-
-def sha256_file(path: Path) -> str:
-    check_regular_file(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tool_versions(*distributions: str) -> dict[str, str]:
@@ -94,7 +80,8 @@ def cached_build(
     if verify_build(final):
         say(f"{kind}: cached build found at {final}")
         return final
-    with _locked(final.with_name(final.name + ".lock"), say):
+    lock = final.with_name(final.name + ".lock")
+    with locked(lock, waiting=lambda: say(f"waiting for another process building {final.name}")):
         if verify_build(final):  # another process built it while we waited
             say(f"{kind}: built by another process at {final}")
             return final
@@ -122,7 +109,7 @@ def cached_build(
             work.chmod(
                 0o755
             )  # mkdtemp made it private; a finished build is readable like any cache
-            os.replace(work, final)
+            replace_durably(work, final)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
@@ -193,20 +180,6 @@ def _check_key(key: Mapping[str, str]) -> None:
     for name, value in key.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"build keys map str to str, got {name!r}: {value!r}")
-
-
-@contextmanager
-def _locked(lock_path: Path, say: Progress) -> Iterator[None]:
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        say(f"waiting for another process building {lock_path.stem}")
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _remove(path: Path) -> None:

@@ -170,7 +170,7 @@ def _check_call(obj: Any, args: Sequence[Any]) -> None:
 
 @cache
 def _compile(source: str) -> jinja2.Template:
-    # Jinja is imported on the first chat, not with edgegemma: 7 MiB a process that only
+    # Jinja is imported on the first chat, not with edgegemma: memory a process that only
     # generates does without (docs/models.md, "Memory").
     import jinja2.ext
     import jinja2.sandbox

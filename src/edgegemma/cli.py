@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .adapters.option import AdapterGrammar
+from .backends.base import round_n_ctx
 from .engine import HELDOUT_TEXT, load
 from .errors import EdgeGemmaError, InvalidParameterError
 from .models import default_model
@@ -16,6 +18,9 @@ from .threads import MAX_DEFAULT_THREADS
 
 THREADS_HELP = f"CPU threads (default: the free cores, at most {MAX_DEFAULT_THREADS})"
 """What ``load(n_threads=None)`` gives: threads.ThreadPolicy over threads.default_threads()."""
+
+_ADAPTER = AdapterGrammar()
+"""``--adapter`` of generate and perplexity: one model on one backend, at any scale."""
 
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),
@@ -72,13 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--backend", help="llamacpp, onnx or mediapipe (default: chosen from the model file)"
     )
-    gen.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=PATH[:SCALE]",
-        help="load a LoRA adapter and use it (repeatable; scale defaults to 1.0)",
-    )
+    _ADAPTER.add_to(gen, "load a LoRA adapter and use it (repeatable; scale defaults to 1.0)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     gen.add_argument("--top-k", type=int, default=40)
@@ -101,15 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--model", default=None, help="models.lock name or file path")
     ppl.add_argument("--backend", help="default: chosen from the model file")
     ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
-    ppl.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:SCALE]",
-                     help="score with this LoRA adapter (repeatable)")  # fmt: skip
+    _ADAPTER.add_to(ppl, "score with this LoRA adapter (repeatable)")
     ppl.add_argument("--threads", type=int, help=THREADS_HELP)
     return parser
 
 
 def _generate(options: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if options.prompt == "-" else options.prompt
-    adapters = [_parse_adapter(spec) for spec in options.adapter]
+    adapters = [_ADAPTER.parse(spec) for spec in options.adapter]
     with load(
         options.model,
         backend=options.backend,
@@ -117,8 +115,8 @@ def _generate(options: argparse.Namespace) -> int:
         n_threads=options.threads,
         on_overflow=options.on_overflow,
     ) as engine:
-        for name, path, _ in adapters:
-            engine.load_adapter(name, path)
+        for adapter in adapters:
+            engine.load_adapter(adapter.name, adapter.path)
         stream = engine.stream(
             prompt,
             max_tokens=options.max_tokens,
@@ -127,7 +125,7 @@ def _generate(options: argparse.Namespace) -> int:
             top_p=options.top_p,
             seed=options.seed,
             stop=options.stop,
-            adapters={name: scale for name, _, scale in adapters},
+            adapters={adapter.name: adapter.scale for adapter in adapters},
         )
         with stream:
             for piece in stream:
@@ -152,15 +150,17 @@ def _perplexity(options: argparse.Namespace) -> int:
         text = Path(options.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidParameterError(f"cannot read {options.file}: {exc}") from None
-    adapters = [_parse_adapter(spec) for spec in options.adapter]
-    n_ctx = max(2048, -(-options.window // 256) * 256) if options.window > 0 else 2048
+    adapters = [_ADAPTER.parse(spec) for spec in options.adapter]
+    n_ctx = max(2048, round_n_ctx(options.window)) if options.window > 0 else 2048
     with load(
         options.model, backend=options.backend, n_ctx=n_ctx, n_threads=options.threads
     ) as engine:
-        for name, path, _ in adapters:
-            engine.load_adapter(name, path)
+        for adapter in adapters:
+            engine.load_adapter(adapter.name, adapter.path)
         result = engine.perplexity(
-            text, window=options.window, adapters={name: scale for name, _, scale in adapters}
+            text,
+            window=options.window,
+            adapters={adapter.name: adapter.scale for adapter in adapters},
         )
         print(
             f"perplexity {result.perplexity:.3f} ({options.model or default_model(options.backend)}, "
@@ -169,16 +169,3 @@ def _perplexity(options: argparse.Namespace) -> int:
             f"{result.seconds:.1f} s"
         )
     return 0
-
-
-def _parse_adapter(spec: str) -> tuple[str, str, float]:
-    name, sep, rest = spec.partition("=")
-    if not sep or not name or not rest:
-        raise InvalidParameterError(f"--adapter takes NAME=PATH[:SCALE], got {spec!r}")
-    path, colon, scale_text = rest.rpartition(":")
-    if colon:
-        try:
-            return name, path, float(scale_text)
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return name, rest, 1.0

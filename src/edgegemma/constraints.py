@@ -38,7 +38,7 @@ def make_constraint(
                                       ("json_schema", json_schema)) if value is not None]  # fmt: skip
     if not given:
         return None
-    import llguidance  # here, not at the top: a process that never constrains skips its 5 MiB
+    import llguidance  # here, not at the top: a process that never constrains skips its memory
 
     if len(given) > 1:
         raise InvalidParameterError(f"give one constraint, not {' and '.join(given)}")
@@ -114,7 +114,8 @@ def _schema(value: object) -> dict[str, Any]:
 
 
 class Vocabulary:
-    """A backend's vocabulary as llguidance sees it: built once per engine (~1 s for 262k tokens)."""
+    """A backend's vocabulary as llguidance sees it: built once per engine (it takes a while for
+    Gemma's 262k tokens)."""
 
     def __init__(
         self,

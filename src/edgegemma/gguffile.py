@@ -3,8 +3,8 @@
 llama.cpp trusts the counts and offsets in a GGUF header; a truncated download or a hostile
 file can make it allocate absurd amounts or read past the end. Every GGUF edgegemma hands
 to a native library is read here first: each count is checked against the bytes that are
-actually there, and every tensor must lie inside the file. Parsing the header of the 253 MB
-Gemma 3 270M takes a fraction of a second (the gguf package's full reader takes ~10 s).
+actually there, and every tensor must lie inside the file. Only the header is parsed, so this
+costs a fraction of what the gguf package's full reader takes.
 """
 
 from __future__ import annotations

@@ -18,13 +18,13 @@ on first use, keeps a variant's bytes the same on every machine, so ``models.loc
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConversionError
+from .files import sha256_file
 
 DATA = Path(__file__).parent / "data" / "importance"
 
@@ -46,7 +46,7 @@ def path(name: str) -> Path:
 
 def sha256(name: str) -> str:
     """The shipped file's sha256: part of the build key of a variant made with it."""
-    return hashlib.sha256(path(name).read_bytes()).hexdigest()
+    return sha256_file(path(name))
 
 
 def load(name: str) -> np.ndarray:

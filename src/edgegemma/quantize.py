@@ -3,7 +3,7 @@
 ``llama_model_quantize`` (exposed by llama-cpp-python) rewrites a GGUF with another recipe
 and, separately, another type for the token embedding, which Gemma ties to the output
 matrix: it is read once per generated token and is most of the file (the pinned Q4_K_M keeps
-it as Q8_0: 178 of 253 MB). Re-running the file's own recipe is lossless, so a variant that
+it as Q8_0; docs/models.md). Re-running the file's own recipe is lossless, so a variant that
 changes only the embedding keeps the layers exactly; requantizing the layers to another type
 compounds their error (measured in docs/models.md). The output is deterministic for a given
 llama.cpp on a given CPU architecture (aarch64 rounds a few blocks differently: GCC fuses
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from . import importance
-from .builds import Progress, cached_build, sha256_file, tool_versions
+from .builds import Progress, cached_build, tool_versions
 from .errors import ConversionError
-from .files import disk_full
+from .files import disk_full, sha256_file
 from .gguffile import read_header
 from .recipes import gguf_options
 from .stderr import captured_stderr
@@ -108,8 +108,8 @@ def quantize(source: Path, out: Path, options: Mapping[str, str]) -> None:
     """Write ``source`` requantized with ``options`` to ``out`` (llama.cpp's quantizer).
 
     An embedding of a named type is not left to ``llama_model_quantize``, which converts a
-    whole tensor to float32 before quantizing it: Gemma's 262k-row embedding is 671 MB so
-    for 270M, GBs for the larger models, and the first run of the default took 1 GB. The
+    whole tensor to float32 before quantizing it: Gemma's 262k-row embedding is hundreds of
+    MB so for 270M and GBs for the larger models (docs/models.md). The
     quantizer copies it as stored; it is then quantized a slice of rows at a time, with the
     very ggml function the quantizer calls (rows are independent, so the bytes are the
     same), and spliced in."""

@@ -54,8 +54,8 @@ def gguf_options(
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
 ONNX_QUANT_METHODS = ("default", "k_quant")
 """int4/int8 weight quantization: the builder's round-to-nearest, or llama.cpp-style k-quant
-(measured here: top-1 agreement with llama.cpp 72% instead of 51% for int4, same decode speed,
-but a ~4 min build instead of ~1 min)."""
+(k-quant agrees with llama.cpp's top-1 token more often at int4 and decodes as fast, but its
+build takes several times longer: docs/onnx.md)."""
 ONNX_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ONNX_DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")
 ONNX_OPTIONS = ("precision", "quant_method", "lora_targets")
@@ -109,8 +109,8 @@ LITERT_QUANTS = (
 activations at run time (fastest), ``weight_only_int8`` only stores int8 weights."""
 LITERT_DEFAULT_QUANT = "dynamic_int8"
 """The fastest and smallest recipe; with LoRA inputs too: measured in docs/mediapipe.md, it
-keeps trained adapters' effect (weight_only_int8 keeps more of it but needs ~4 GB of memory
-at run time, none/float32 is exact at 1.9 GB and a 1 GB file)."""
+keeps trained adapters' effect (weight_only_int8 keeps more of it but needs several times
+the memory at run time, none/float32 is exact but the largest)."""
 LITERT_DEFAULT_CONTEXT = 2048
 """KV cache positions, the largest ``n_ctx`` the model can be loaded with (edgegemma's default)."""
 LITERT_PREFILL_LENGTH = 128

@@ -277,12 +277,7 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-_OLD_FORMAT_NAMES = {"mediapipe": "litert"}
-"""Words earlier versions took for ``--to``; still understood."""
-
-
 def _format_name(text: str) -> str:
-    name = _OLD_FORMAT_NAMES.get(text, text)
-    if name not in FORMATS:
+    if text not in FORMATS:
         raise argparse.ArgumentTypeError(f"choose one of {', '.join(FORMATS)}, not {text!r}")
-    return name
+    return text

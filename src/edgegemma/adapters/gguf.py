@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdapterError, ModelError
+from ..files import writing_atomically
 from ..gguffile import GGUFHeader, read_header, tensor_array
 from .base import AdapterFormat, AdapterSummary
 from .peft import PeftAdapter
@@ -136,19 +137,18 @@ def write_lora_gguf(
     import gguf
 
     out = Path(path)
-    tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), architecture)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    for name, (a, b) in sorted(weights.items()):
-        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
-        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
+    with writing_atomically(out) as partial:
+        writer = gguf.GGUFWriter(str(partial), architecture)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for name, (a, b) in sorted(weights.items()):
+            writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
+            writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return out
 
 

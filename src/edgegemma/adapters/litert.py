@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdapterError
+from ..files import writing_atomically
 from ..tflitefile import (
     FLOAT32,
     LORA_RANKS,
@@ -87,7 +88,7 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[int, dict[str, np.ndarray]]
 def write_lora(
     path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], *, rank: int
 ) -> Path:
-    """Write a LiteRT-LM LoRA file; the write is atomic (a ``.partial`` file renamed into place)."""
+    """Write a LiteRT-LM LoRA file; the write is atomic (:func:`edgegemma.files.writing_atomically`)."""
     out = Path(path)
     names = sorted(tensors)
     arrays = [np.ascontiguousarray(tensors[name], dtype="<f4") for name in names]
@@ -128,13 +129,11 @@ def write_lora(
         position = _aligned(position + a.nbytes)
     head = flatbuffer(offsets)
     assert len(head) == len(placeholder)
-    partial = out.with_name(out.name + ".partial")
-    with open(partial, "wb") as f:
+    with writing_atomically(out) as partial, open(partial, "wb") as f:
         f.write(head)
         for offset, a in zip(offsets, arrays):
             f.write(b"\0" * (offset - f.tell()))
             f.write(a.tobytes())
-    os.replace(partial, out)
     return out
 
 

@@ -13,7 +13,6 @@ available without the runtime installed.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..builds import find_build
 from ..errors import AdapterError, BackendUnavailableError, ModelError
+from ..files import writing_atomically
 from .base import AdapterFormat, AdapterSummary
 from .peft import PeftAdapter
 
@@ -122,9 +122,8 @@ def write_adapter(path: Path, parameters: Mapping[str, np.ndarray]) -> Path:
     adapter.set_parameters(
         {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
     )
-    partial = path.with_name(path.name + ".partial")
-    adapter.export_adapter(str(partial))
-    os.replace(partial, path)
+    with writing_atomically(path) as partial:
+        adapter.export_adapter(str(partial))
     return path
 
 

@@ -88,8 +88,8 @@ class Features:
     """How many sequences :meth:`Backend.score_many` and :meth:`Backend.batch` evaluate in one
     pass of the model (0: they do not work)."""
     batch_min: int = 2
-    """The fewest sequences worth evaluating together; fewer run one by one (measured per
-    runtime: below this a batch is no faster)."""
+    """The fewest sequences worth evaluating together; fewer run one by one (per runtime:
+    below this a batch is no faster, docs/performance.md)."""
     batch_join: bool = False
     """:meth:`Backend.join` works: a running batch takes another sequence between two passes."""
     batch_same_length: bool = False
@@ -99,6 +99,15 @@ class Features:
     (constrained output) and :meth:`Backend.logits` gives the distribution (log-probabilities)."""
     adjustable_threads: bool = False
     """:meth:`Backend.set_threads` works: the engine then follows the free cores per call."""
+
+
+N_CTX_STEP = 256
+"""llama.cpp pads its context to a multiple of this; every backend is given the same window."""
+
+
+def round_n_ctx(n: int) -> int:
+    """``n`` tokens of context rounded up to a multiple of :data:`N_CTX_STEP`."""
+    return -(-n // N_CTX_STEP) * N_CTX_STEP
 
 
 @dataclass(frozen=True)
@@ -332,7 +341,8 @@ def target_log_probs(logits: np.ndarray, targets: Sequence[Sequence[int]]) -> li
     """``log_softmax(logits[i])[targets[i]]`` for each row, in float64.
 
     Only the normaliser is computed over the vocabulary (exp in float32, summed in float64):
-    a full float64 log-softmax of 262k columns costs ~25 ms a row.
+    a full float64 log-softmax of a 262k-token vocabulary would cost more than the model's
+    own pass.
     """
     found = []
     for row, wanted in zip(logits, targets):

@@ -43,6 +43,7 @@ from .base import (
     ModelInfo,
     TokenMask,
     apply_mask,
+    round_n_ctx,
     target_log_probs,
 )
 
@@ -51,38 +52,36 @@ if TYPE_CHECKING:
 else:
     ll = import_submodule("llama_cpp.llama_cpp")  # the C bindings alone: partial_import.py
 
-_N_CTX_STEP = 256
-"""llama.cpp pads n_ctx to this multiple; asking for exactly that avoids surprises."""
 _N_BATCH = 512
 _ROW_GROUP = 4
 """llama.cpp's repacked CPU kernels (Q4_K, IQ4_NL, ...) multiply a batch's rows four at a time
 and the rows left over one at a time, which rounds differently. A prompt evaluated after a
 reused prefix gets bit-identically a fresh evaluation's logits only if every row lands in the
 same kind of group: the reused prefix is a multiple of this and batches start at multiples of
-_N_BATCH, counted from position 0 (measured: otherwise 1 greedy answer in 20 changed)."""
+_N_BATCH, counted from position 0 (otherwise some greedy answers change)."""
 _TILED_MIN_ROWS = 8
 """llama.cpp multiplies the K-quant matrices it does not repack (the Q6_K layers here) with a
 tiled kernel in batches of 8 rows or more and row by row below that (ggml-cpu's tiled.cpp); the
 two round differently. So a reused row must have come from a batch on the same side of 8 as
 the one a fresh evaluation of the new prompt puts it in, and the rows evaluated after a reused
-prefix too (measured: otherwise a few reuse lengths in a sweep gave logits up to 0.08 apart)."""
+prefix too (otherwise some reuse lengths give visibly different logits)."""
 _LOG_ERROR, _LOG_CONT = 4, 5
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
 _SCORE_CHUNK = 32
 """Tokens scored per decode: each needs a vocab-sized row of logits (1 MiB for Gemma 3)."""
 _RELEASE_EVERY = 0.02
 """Fraction of the model loaded between two give-backs of its mapped pages (each parses
-/proc/self/maps: ~50 of them cost a few ms)."""
+/proc/self/maps, so a few dozen of them are cheap next to the load)."""
 _MAX_SEQUENCES = 8
 """Sequences one decode may hold (:meth:`LlamaCppBackend.score_many`: prompts and label
 branches). The KV cache is unified, so cells cost nothing extra, but llama.cpp keeps a
-resident logits row (1 MiB for Gemma 3) per possible sequence, so more sequences cost peak RSS
-for little more speed (docs/performance.md, "Classification, structured output and batches")."""
+resident vocab-sized logits row per possible sequence: more sequences cost peak memory, and
+past this many classification gets no faster (docs/performance.md has the figures)."""
 _GROUP_TOKENS = 256
 """Tokens :meth:`LlamaCppBackend.score_many` evaluates in one decode. The sequences share one
-KV cache, so every token's attention spans the whole group's cells; groups of 64 to 512 tokens
-classified 64 sensor readings equally fast within noise (3.5-3.7 s, 2 cores), and a small
-group keeps that span short."""
+KV cache, so every token's attention spans the whole group's cells; a small group keeps that
+span short, and groups from a quarter to twice this size classify equally fast
+(docs/performance.md)."""
 _GREEDY = SamplingParams()
 _NON_FINITE = (
     "llama.cpp computed non-finite logits (NaN or infinity); an adapter scale far too large "
@@ -154,8 +153,8 @@ class LlamaCppBackend(Backend):
         score=True,
         batch=_MAX_SEQUENCES,
         # llama.cpp's CPU kernels multiply rows four at a time, so fewer sequences read the
-        # weights once per row anyway (measured, 64 tokens each: 2 together 0.93x the
-        # throughput of one by one, 4 1.29x, 8 2.1x).
+        # weights once per row anyway: two together are no faster than one by one
+        # (docs/performance.md).
         batch_min=4,
         batch_join=True,
         logits=True,
@@ -177,7 +176,7 @@ class LlamaCppBackend(Backend):
         self._n_past = 0  # tokens whose KV is in the cache
         self._prompt_length = 0  # of them, the prompt start() evaluated in batches
         self._pending: int | None = None  # sampled but not yet evaluated
-        self._greedy = True  # argmax in numpy: ~0.03 ms a token against ~0.3 ms in a sampler
+        self._greedy = True  # argmax in numpy: a tenth of the time of llama.cpp's sampler
         self._logit_views: dict[int, np.ndarray] = {}
         self._batch = ll.llama_batch_init(_N_BATCH, 0, _MAX_SEQUENCES)
         self._running: _Batch | None = None  # the sequences of the last batch()
@@ -194,8 +193,8 @@ class LlamaCppBackend(Backend):
             bos_id=bos if bos >= 0 and ll.llama_vocab_get_add_bos(self._vocab) else None,
             eog_ids=eog,
             can_shift=bool(ll.llama_memory_can_shift(self._memory)),
-            # Measured: identical logits without adapters (given _ROW_GROUP); under a LoRA, whose
-            # float32 products take other kernels for other batch sizes, up to ~1.0 apart.
+            # Identical logits without adapters (given _ROW_GROUP); under a LoRA, whose float32
+            # products take other kernels for other batch sizes, they can differ visibly.
             exact_reuse=True,
             description=_model_description(model),
             chat_template=template if isinstance(template, str) and template else None,
@@ -208,7 +207,7 @@ class LlamaCppBackend(Backend):
             raise ModelError(f"{path.name} is a GGUF {header.file_type!r}, not a model")
         require(header.architecture, "backend:llamacpp", path.name)
         n_ctx_train = header.arch_value("context_length")
-        n_ctx = -(-options.n_ctx // _N_CTX_STEP) * _N_CTX_STEP
+        n_ctx = round_n_ctx(options.n_ctx)
         if isinstance(n_ctx_train, int) and n_ctx > n_ctx_train:
             raise InvalidParameterError(
                 f"n_ctx={options.n_ctx} is larger than the {n_ctx_train} tokens {path.name} was trained for"
@@ -220,12 +219,12 @@ class LlamaCppBackend(Backend):
         if not isinstance(repack, bool):
             raise InvalidParameterError(f"repack must be True or False, got {repack!r}")
         # llama.cpp repacks Q4_0, IQ4_NL and Q4_K matrices into an interleaved layout its CPU
-        # kernels decode faster (+30% tok/s measured on the default model), in a buffer of
-        # its own (docs/models.md: ~5 MiB more peak RSS than repack=False).
+        # kernels decode faster, in a buffer of its own that costs a little peak memory
+        # (docs/models.md has both figures).
         model_params.use_extra_bufts = repack
         # Repacking reads every page of the mapped file, and the pages read stay resident:
-        # the stored and the repacked copy would both count (+97 MiB peak RSS for the default
-        # model). The file's pages are given back while loading; those still used as stored
+        # the stored and the repacked copy would both count (docs/models.md has the peak RSS).
+        # The file's pages are given back while loading; those still used as stored
         # fault back in from the page cache on first use.
         released = 0.0
 
@@ -259,7 +258,7 @@ class LlamaCppBackend(Backend):
         ctx_params.n_threads = options.n_threads
         ctx_params.n_threads_batch = options.n_threads
         # A full-size sliding-window cache keeps every position, so a prefix can be reused and
-        # the context shifted at any length (the cache is ~18 KB per token for this model).
+        # the context shifted at any length (it costs the KV memory of a full-attention layer).
         ctx_params.swa_full = True
         ctx_params.no_perf = True
         with _native_log.capture() as lines:

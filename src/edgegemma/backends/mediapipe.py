@@ -64,13 +64,13 @@ from ..tflitefile import LoraSpec, TfliteFacts, bundle_chat_template, inspect_mo
 from .base import AdapterHandle, Backend, BackendOptions, Features, ModelInfo, TokenMask
 
 _LORA_FILES_KEPT = 4
-"""LoRA files kept for sets of adapters with scales (~6 MB each at rank 16 for this model)."""
+"""LoRA files kept for sets of adapters with scales (each a few MB on disk)."""
 _PIECE_CACHE = 4096
 """Text pieces whose token ids are remembered: tokenizing each decoded piece again is the
 backend's main cost per token."""
 _SESSIONS_PER_ENGINE = 16
-"""LiteRT-LM 0.18 keeps each session's LoRA weights (~6 MB at rank 16) until its engine is
-deleted; recreating the engine (~0.2 s) after this many LoRA sessions bounds that growth."""
+"""LiteRT-LM 0.18 keeps each session's LoRA weights until its engine is deleted; recreating
+the engine (cheap next to a generation) after this many LoRA sessions bounds that growth."""
 
 
 @dataclass(eq=False)

@@ -19,7 +19,7 @@ Batches: a generator of ``batch_size`` rows evaluates one token of every row per
 rows must be prompts of one length: this runtime's attention (GroupQueryAttention with a
 sliding-window cache) rejects padded prompts ("seqlens_k ... is too small"), and with the
 sliding-window cache turned off in the graph padded rows come out wrong from their first
-token (measured). A batch generator takes its prompts in one ``append_tokens`` and then only
+token. A batch generator takes its prompts in one ``append_tokens`` and then only
 its own search's tokens, so the tokens chosen here are handed to it as logits that allow
 nothing else (``set_logits``, then a greedy ``generate_next_token``).
 """
@@ -70,16 +70,16 @@ from .base import (
 CONFIG_FILE = "genai_config.json"
 
 _MERGED_KEPT = 4
-"""Merged adapters kept loaded (each ~3 MB on disk and ~12 MiB in the runtime for this
-model): a fifth set of scales evicts the least recently used."""
+"""Merged adapters kept loaded (each costs runtime memory as well as a file): one more set
+of scales evicts the least recently used."""
 _MIN_MAX_LENGTH = 512
 """The runtime refuses a KV capacity below the sliding window of Gemma 3."""
 _END_TOKENS = ("<end_of_turn>", "</s>")
 """End generation besides eos, as llama.cpp decides for this vocabulary."""
 _MAX_SEQUENCES = 8
-"""Rows of one batch generator. Each holds its own KV cache of at least the sliding window
-(512 positions), so memory bounds the rows; the speed-up each count gives is in
-docs/performance.md ("Classification, structured output and batches")."""
+"""Rows of one batch generator. Each holds its own KV cache of at least the sliding window,
+so a row costs memory; throughput grows with the rows up to about this many
+(docs/performance.md has the figures)."""
 _NON_FINITE = (
     "ONNX Runtime computed non-finite logits (NaN or infinity); an adapter scale far too large "
     "for the model does this"
@@ -490,8 +490,8 @@ def _special_tokens(model_dir: Path) -> set[int]:
     """Ids of the tokenizer's special added tokens (``<bos>``, ``<start_of_turn>``, ...)."""
     path = model_dir / "tokenizer.json"
     try:
-        # Only the added_tokens list near the top is parsed: the whole 33 MB file as a str and
-        # a JSON tree would raise the process's peak memory by ~0.25 GB.
+        # Only the added_tokens list near the top is parsed: the whole file as a str and a
+        # JSON tree would raise the process's peak memory many times over the file's size.
         data = path.read_bytes()
         start = data.index(b"[", data.index(b'"added_tokens"'))
         window = 1 << 20

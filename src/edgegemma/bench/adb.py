@@ -15,7 +15,6 @@ error says which one was cut.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 
 from ..backends import available_backends
 from ..errors import EdgeGemmaError, InvalidParameterError
+from ..files import sha256_file
 from . import llamabench
 from .stats import summarize
 from .targets import BenchRequest, TargetError, models_for, new_report, say
@@ -187,14 +187,6 @@ def emulation(binaries: dict[str, Path], device_machine: str | None) -> str | No
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def push_if_changed(adb: Adb, local: Path, remote: str) -> bool:
     """Push ``local`` unless the device already has a file with the same sha256."""
     quoted = shlex.quote(remote)
@@ -203,7 +195,7 @@ def push_if_changed(adb: Adb, local: Path, remote: str) -> bool:
         what=f"checking {remote}",
         timeout=600,
     ).split()
-    if there and there[0] == _sha256(local):
+    if there and there[0] == sha256_file(local):
         return False
     say(f"  pushing {local.name} ({local.stat().st_size / 2**20:.0f} MiB) to {remote}")
     adb.push(local, remote, what=local.name)

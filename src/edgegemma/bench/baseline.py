@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from ..backends.base import round_n_ctx
 from ..errors import ModelError
 
-_N_CTX_STEP = 256
 _N_BATCH = 512
 _silent_log = None
 
@@ -102,7 +102,7 @@ class LlamaCppLoop(_Loop):
         if not self._model:
             raise ModelError(f"llama.cpp could not load {path}")
         params = ll.llama_context_default_params()
-        params.n_ctx = -(-n_ctx // _N_CTX_STEP) * _N_CTX_STEP
+        params.n_ctx = round_n_ctx(n_ctx)
         params.n_batch = params.n_ubatch = _N_BATCH
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = n_threads
@@ -284,7 +284,7 @@ class HighLevelLlama(_Loop):
 
         self._llm = llama_cpp.Llama(
             model_path=str(path),
-            n_ctx=-(-n_ctx // _N_CTX_STEP) * _N_CTX_STEP,
+            n_ctx=round_n_ctx(n_ctx),
             n_batch=_N_BATCH,
             n_threads=n_threads,
             n_threads_batch=n_threads,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters.option import AdapterGrammar
 from ..backends import available_backends
 from ..errors import EdgeGemmaError, InvalidParameterError
 from ..skills import SKILLS
@@ -96,14 +97,11 @@ def run_parser() -> argparse.ArgumentParser:
         help="model name from models.lock or path, for every backend or for BACKEND only "
         "(repeatable; default: what edgegemma.load(backend=...) opens)",
     )
-    what.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="[BACKEND:]NAME=PATH",
-        help="also measure every workload with this LoRA adapter, and its swap time; "
-        "BACKEND: gives one backend its own file; a bare skill name (sensor, emoji) takes "
-        "the shipped skill's adapter for each backend (repeatable)",
+    _adapter_grammar().add_to(
+        what,
+        "also measure every workload with this LoRA adapter (at scale 1), and its swap time; "
+        "BACKEND: gives one backend its own file; a bare skill name (sensor, emoji) takes the "
+        "shipped skill's adapter for each backend (repeatable)",
     )
     what.add_argument(
         "-p",
@@ -194,25 +192,19 @@ def compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _adapter_grammar() -> AdapterGrammar:
+    """``--adapter`` of the bench: per backend or for all, a file or a skill, at scale 1."""
+    return AdapterGrammar(backends=tuple(available_backends()), skills=tuple(SKILLS), scale=False)
+
+
 def request_from(args: argparse.Namespace) -> BenchRequest:
-    adapters = []
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        backend, colon, bare = name.partition(":")
-        scope, name = (backend, bare) if colon and backend in available_backends() else ("", name)
-        if not sep and name in SKILLS:
-            path = ""
-        elif not sep or not name or not path:
-            raise InvalidParameterError(
-                f"--adapter takes [BACKEND:]NAME=PATH or a skill name ({', '.join(SKILLS)}), "
-                f"got {spec!r}"
-            )
-        adapters.append((scope, name, path))
+    grammar = _adapter_grammar()
+    adapters = [grammar.parse(spec) for spec in args.adapter]
     tasks = args.task or ["sensor"]
     return BenchRequest(
         backends=tuple(args.backend),
         models=tuple(args.model),
-        adapters=tuple(adapters),
+        adapters=tuple((a.backend, a.name, a.path) for a in adapters),
         pp=tuple(parse_sizes(args.pp, "-p")),
         tg=tuple(parse_sizes(args.tg, "-n")),
         tasks=tuple(t for t in tasks if t != "none"),

@@ -12,7 +12,6 @@ When something fails half way, the result holds what was measured so far plus th
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from ..files import write_atomically
 from ..memory import peak_rss
 from .stats import summarize
 from .workloads import Synthetic, Task, is_correct, load_task, synthetic_ids
@@ -469,9 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = Plan.from_dict(json.loads(Path(args[0]).read_text()))
     result = run(plan)
-    tmp = Path(args[1] + ".partial")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, args[1])
+    write_atomically(Path(args[1]), json.dumps(result))
     return 1 if result["error"] else 0
 
 

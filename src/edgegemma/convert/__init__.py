@@ -43,9 +43,6 @@ from ..recipes import (
 )
 from .gguf import CONVERTER_TYPES
 
-_OLD_TARGETS = {"litertlm": "litert", "task": "litert"}
-"""``--to`` words of earlier versions; still understood (they print that one bundle)."""
-
 
 def print_progress(message: str) -> None:
     print(f"edgegemma convert: {message}", file=sys.stderr, flush=True)
@@ -63,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--to",
         required=True,
-        choices=[*_TARGETS, *_OLD_TARGETS],
+        choices=list(_TARGETS),
         metavar="|".join(_TARGETS),
         help="the format to build: gguf (llama.cpp), onnx (ONNX Runtime GenAI), "
         "litert (MediaPipe / LiteRT-LM)",
@@ -119,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     litert.add_argument("--context", type=int, default=2048,
                         help="KV cache positions, the largest n_ctx (default: %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
-    return _TARGETS[_OLD_TARGETS.get(args.to, args.to)](args)
+    return _TARGETS[args.to](args)
 
 
 def _to_gguf(args: argparse.Namespace) -> int:
@@ -170,9 +167,8 @@ def _to_litert(args: argparse.Namespace) -> int:
         _checked(_source(args.source), "convert:litert"), options, progress=print_progress
     )
     copied = _copy_out(folder, args.output)
-    bundles = [args.to] if args.to in LITERT_FILES else list(LITERT_FILES)
-    for bundle in bundles:
-        print(copied / LITERT_FILES[bundle])
+    for bundle in LITERT_FILES.values():
+        print(copied / bundle)
     print(_lock_record(folder))
     return 0
 

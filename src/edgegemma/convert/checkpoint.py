@@ -3,7 +3,7 @@
 transformers dequantizes the GGUF (and undoes Gemma's +1 on the norm weights) when it loads
 it with ``gguf_file=``; such a model refuses ``save_pretrained``, so its weights are moved
 into a plain model of the same config first. Needs the ``convert`` extra (torch,
-transformers, gguf); takes ~1.5 min and ~3.3 GB of memory for Gemma 3 270M.
+transformers, gguf); its time and memory are in docs/onnx.md and docs/mediapipe.md.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..builds import Progress, cached_build, sha256_file, tool_versions, tree_sha256
+from ..builds import Progress, cached_build, tool_versions, tree_sha256
 from ..errors import ConversionError, UnsupportedArchitectureError
+from ..files import sha256_file
 from ..gguffile import read_header
 
 KIND = "checkpoint"

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..builds import Progress, cached_build
 from ..errors import ConversionError
 from ..families import family_of_checkpoint, require
+from ..files import replace_durably
 from ..recipes import GGUF_QUANTS, gguf_options
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -132,7 +133,7 @@ def checkpoint_to_gguf(
             quantized = Path(scratch) / "model.gguf"
             quantize(written, quantized, gguf_options(quant))
             written = quantized
-        os.replace(written, out)
+        replace_durably(written, out)
     return out
 
 

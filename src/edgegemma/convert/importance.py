@@ -6,7 +6,6 @@ python -m edgegemma.convert.importance gemma3-270m     # rewrites data/importanc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import sha256_file, write_atomically
 from ..importance import DATA
 
 CALIBRATION_OPENINGS = (
@@ -85,14 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     DATA.mkdir(parents=True, exist_ok=True)
     record = {
         "model": args.name,
-        "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        "model_sha256": sha256_file(model),
         "what": "E[h_j^2] of the final hidden state (the output matrix's input) over the "
         "model's own calibration text: python -m edgegemma.convert.importance",
         "tokens": count,
         "values": [float(v) for v in values],
     }
     out = DATA / f"{args.name}.json"
-    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_atomically(out, json.dumps(record, indent=1) + "\n")
     print(f"{out}: {len(values)} columns from {count} tokens", file=sys.stderr)
     return 0
 

@@ -8,14 +8,14 @@ One build makes both bundles from one TFLite graph:
    (:mod:`edgegemma.adapters.litert`): LiteRT-LM runs LoRA only from a model's main signatures,
    and litert-torch's own ``--lora_ranks`` adds separate ``*_lora_r16`` signatures, which it
    mishandles, while its Gemma 3 decoder takes no LoRA argument at all -- hence
-   :class:`_LoraDecoder`. The export runs in a child process (~6 GB, ~3 min on two cores):
+   :class:`_LoraDecoder`. The export runs in a child process (its cost: docs/mediapipe.md):
    litert-torch imports ``tensorflow.lite.python.schema_py_generated`` without depending on
    TensorFlow, and the child provides that module from ``ai_edge_litert`` for the moment of
    the import, without a fake ``tensorflow`` staying visible to other libraries.
 2. A SentencePiece model is rebuilt from ``tokenizer.json`` (the GGUF carries no
    ``tokenizer.model``): same pieces and ids, BPE scores from the ids, byte fallback. It gives
-   the Hugging Face tokenizer's ids (checked in the tests) and loads in ~0.2 s, where the
-   33 MB ``tokenizer.json`` costs LiteRT-LM ~2.3 s and ~0.6 GB at every start.
+   the Hugging Face tokenizer's ids (checked in the tests) and loads at a fraction of the
+   time and memory ``tokenizer.json`` costs LiteRT-LM at every start (docs/mediapipe.md).
 3. ``model.litertlm`` is written with litert-lm-builder, ``model.task`` with MediaPipe's
    bundler (``mediapipe==0.10.35``, the last version that ships it), both with ``<bos>`` as
    start token and ``<eos>``/``<end_of_turn>`` as stop tokens.

@@ -52,8 +52,9 @@ def _build(checkpoint: Path, out: Path, options: Mapping[str, str], say: Progres
     precision = options["precision"]
     with tempfile.TemporaryDirectory(prefix="edgegemma-onnx-") as scratch_dir:
         scratch = Path(scratch_dir)
-        # Logits of the last position only: the engine samples nothing else, and the 262k-wide
-        # LM head over every prompt token made prefill ~3x slower and cost ~0.5 GB at 560 tokens.
+        # Logits of the last position only: the engine samples nothing else, and the
+        # vocabulary-wide LM head over every prompt token makes prefill several times slower
+        # and its memory grow with the prompt.
         extra = ["prune_lm_head=true"]
         if options["quant_method"] == "k_quant":
             extra.append("algo_config=k_quant")

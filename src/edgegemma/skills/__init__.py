@@ -5,7 +5,7 @@
 
     with edgegemma.load("gemma3-270m") as engine:
         engine.load_adapter("sensor", skills.adapter_path("sensor"))
-        out = engine.generate(skills.sensor_prompt("temp=81.2C vib=0.93g batt=3.71V"),
+        out = engine.generate(skills.prompt("sensor", "temp=81.2C vib=0.93g batt=3.71V"),
                               adapters={"sensor": 1.0}, **skills.GENERATION["sensor"])
         print(skills.sensor_label(out.text))  # "warning"
 
@@ -97,8 +97,6 @@ LABELS: dict[str, list[str]] = {
 """The labels of each classification skill as ``Engine.classify`` takes them (with the leading
 space the answer has after the prompt)."""
 
-sensor_prompt = sensor.prompt
-emoji_prompt = emoji.prompt
 sensor_label = sensor.normalise
 
 
@@ -134,7 +132,8 @@ def adapter_path(skill: str, backend: str = "llamacpp", *, model: str = "gemma3-
     ``model``, which must exist (``edgegemma convert gemma3-270m --to onnx``).
     """
     from ..adapters import FORMATS, convert, format_for_backend
-    from ..builds import cached_build, sha256_file
+    from ..builds import cached_build
+    from ..files import sha256_file
 
     if backend not in {f.backend for f in FORMATS.values()}:
         backends = ", ".join(f.backend for f in FORMATS.values())
