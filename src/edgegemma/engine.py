@@ -15,13 +15,21 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Self, TypeVar, Unpack
 
 from . import scoring
 from .backends import backend_for_path, get_backend
-from .backends.base import Backend, BackendOptions, BatchedSequence, Features, ModelInfo, log_probs
+from .backends.base import (
+    Backend,
+    BackendOptions,
+    BatchedSequence,
+    Features,
+    ModelInfo,
+    log_probs,
+    round_n_ctx,
+)
 from .batching import Together
 from .chat import (
     ChatTemplate,
@@ -76,8 +84,6 @@ from .threads import ThreadPolicy, default_threads, usable_cores
 _T = TypeVar("_T")
 log = logging.getLogger("edgegemma")
 
-N_CTX_STEP = 256
-"""``n_ctx`` is rounded up to a multiple of this (llama.cpp pads its context so anyway)."""
 GEMMA_BOS, GEMMA_EOS = "<bos>", "<eos>"
 """The special-token texts chat templates are rendered with (Gemma's vocabulary)."""
 HELDOUT_TEXT = Path(__file__).with_name("data") / "heldout-en.txt"
@@ -917,27 +923,19 @@ class Engine:
         self._check_open()
         if self._holder_thread() == threading.get_ident():
             return contextlib.nullcontext()
-        return _Exclusive(self)
+        return self._locked()
 
-    def _exclusive(self) -> _Exclusive:
+    def _exclusive(self) -> contextlib.AbstractContextManager[None]:
         self._check_open()
         if self._holder_thread() == threading.get_ident():
             raise EngineBusyError("a stream of this engine is open in this thread; close it first")
-        return _Exclusive(self)
+        return self._locked()
 
-
-class _Exclusive:
-    def __init__(self, engine: Engine):
-        self._engine = engine
-
-    def __enter__(self) -> None:
-        self._engine._lock.acquire()
-        if self._engine._closed:
-            self._engine._lock.release()
-            raise EngineClosedError("the engine is closed")
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._engine._lock.release()
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            self._check_open()  # it may have closed while this thread waited
+            yield
 
 
 def load(
@@ -965,8 +963,7 @@ def load(
 
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= 2**20:
         raise InvalidParameterError(f"n_ctx must be an integer in [16, 1048576], got {n_ctx!r}")
-    # llama.cpp pads the context to a multiple of 256; every backend gets the same window.
-    n_ctx = -(-n_ctx // N_CTX_STEP) * N_CTX_STEP
+    n_ctx = round_n_ctx(n_ctx)  # every backend gets the window llama.cpp would pad to
     cores = len(usable_cores())
     policy = ThreadPolicy(default_threads(), fixed=False) if n_threads is None else None
     if n_threads is None:

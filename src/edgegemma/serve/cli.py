@@ -11,9 +11,9 @@ from typing import Any
 
 from ..adapters.option import AdapterGrammar
 from ..engine import load
-from ..options import OVERFLOW_POLICIES, PREFIX_CACHE_POLICIES
 from ..errors import InvalidParameterError
 from ..models import default_model, looks_like_a_name
+from ..options import OVERFLOW_POLICIES, PREFIX_CACHE_POLICIES
 from .app import create_app
 from .middleware import BODY_TIMEOUT_S, LOOPBACK_HOSTS, MAX_BODY_BYTES, is_loopback
 

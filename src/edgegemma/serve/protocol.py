@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..engine import Engine
-from ..results import Result
 from ..errors import (
     AdapterError,
     BackendUnavailableError,
@@ -19,6 +18,7 @@ from ..errors import (
     EdgeGemmaError,
     InvalidParameterError,
 )
+from ..results import Result
 
 FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
 """OpenAI's finish_reason for each of the engine's."""

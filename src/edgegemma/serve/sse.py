@@ -8,8 +8,8 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 
-from ..results import Result
 from ..errors import EdgeGemmaError
+from ..results import Result
 from .protocol import FINISH, api_error, usage
 from .worker import Run
 

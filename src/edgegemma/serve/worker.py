@@ -15,10 +15,10 @@ import anyio
 from fastapi import Request
 
 from ..engine import Engine
+from ..errors import EdgeGemmaError
 from ..options import ENGINE_ADAPTERS
 from ..results import Result
 from ..streams import Stream
-from ..errors import EdgeGemmaError
 from .protocol import APIError, SamplingRequest, api_error
 
 
