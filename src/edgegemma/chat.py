@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypedDict
 
-from .errors import InvalidParameterError, ModelError
+from .errors import ContextOverflowError, InvalidParameterError, ModelError
 
 if TYPE_CHECKING:
     import jinja2
@@ -334,6 +334,35 @@ def folder_template(folder: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) and template else None
+
+
+def fit_conversation(
+    conversation: list[Message],
+    max_tokens: int | None,
+    n_ctx: int,
+    ids_of: Callable[[list[Message]], list[int]],
+) -> tuple[list[int], int]:
+    """The prompt (``ids_of`` a conversation) of ``conversation`` with the fewest old turns
+    dropped that leaves room for ``max_tokens`` in ``n_ctx``, and the tokens dropped: chat's
+    ``truncate_left``, which drops whole turns and keeps the system message."""
+    ids = ids_of(conversation)
+    budget = n_ctx - (max_tokens if max_tokens is not None else 1)
+    if len(ids) <= budget:
+        return ids, 0
+    full = len(ids)
+    ids = fewest_dropped(conversation, budget, ids_of) or ids
+    if len(ids) > budget:
+        system = " and the system message" if conversation[0]["role"] == "system" else ""
+        raise ContextOverflowError(
+            f"the conversation does not fit the context window even with its old turns "
+            f"dropped: its last turn{system} take {len(ids)} tokens, max_tokens is "
+            f"{max_tokens}, n_ctx={n_ctx}. Shorten the last message, lower max_tokens or load "
+            "with a larger n_ctx.",
+            prompt_tokens=len(ids),
+            max_tokens=max_tokens,
+            n_ctx=n_ctx,
+        )
+    return ids, full - len(ids)
 
 
 def fewest_dropped(

@@ -35,7 +35,7 @@ from .chat import (
     ChatTemplate,
     Message,
     check_messages,
-    fewest_dropped,
+    fit_conversation,
     gemma_template,
 )
 from .constraints import Matcher, Vocabulary, make_constraint
@@ -578,25 +578,11 @@ class Engine:
         policy = options.get("on_overflow") or self.on_overflow
         check_policy(policy)
         max_tokens = options.get("max_tokens", DEFAULT_MAX_TOKENS)
-        ids = self._chat_ids(conversation)
-        dropped = 0
         if policy == "truncate_left" and isinstance(max_tokens, (int, type(None))):
-            budget = self.n_ctx - (max_tokens if max_tokens is not None else 1)
-            if len(ids) > budget:
-                full = len(ids)
-                ids = fewest_dropped(conversation, budget, self._chat_ids) or ids
-                if len(ids) > budget:
-                    raise ContextOverflowError(
-                        f"the conversation does not fit the context window even with its old "
-                        f"turns dropped: its last turn{' and the system message' if conversation[0]['role'] == 'system' else ''} "
-                        f"take {len(ids)} tokens, max_tokens is {max_tokens}, n_ctx={self.n_ctx}. "
-                        "Shorten the last message, lower max_tokens or load with a larger n_ctx.",
-                        prompt_tokens=len(ids),
-                        max_tokens=max_tokens,
-                        n_ctx=self.n_ctx,
-                    )
-                dropped = full - len(ids)
+            ids, dropped = fit_conversation(conversation, max_tokens, self.n_ctx, self._chat_ids)
             policy = "error"  # whole turns are dropped, never a part of one
+        else:
+            ids, dropped = self._chat_ids(conversation), 0
         options["on_overflow"] = policy  # type: ignore[typeddict-item]  # checked above
         stream = self.stream(ids, **options, keep=self._system_prefix(conversation))
         stream._request.dropped = dropped
