@@ -169,7 +169,7 @@ def test_adapters_cli_converts_for_the_gguf_or_the_bundle_alike(bundles, tmp_pat
     from_gguf, from_bundle = tmp_path / "g.lora", tmp_path / "t.lora"
     for model, out in ((gguf_path, from_gguf), (bundles["task"], from_bundle)):
         subprocess.run(
-            [sys.executable, "-m", "edgegemma", "adapters", "convert", str(peft), "--to", "mediapipe",
+            [sys.executable, "-m", "edgegemma", "adapters", "convert", str(peft), "--to", "litert",
              "--model", str(model), "-o", str(out)],
             check=True, capture_output=True, text=True,
         )  # fmt: skip

@@ -569,6 +569,7 @@ class Engine:
 
     def stream_chat(self, messages: Sequence[Message], **options: Unpack[ChatOptions]) -> Stream:
         """Like :meth:`chat`, but yields text pieces as they are produced."""
+        check_option_names(options, "stream_chat")
         self._check_open()
         if "keep" in options:
             raise InvalidParameterError(

@@ -4,8 +4,8 @@ llama.cpp's worker threads wait for each other at every step of a token. On an i
 they should spin while they wait (sleeping and waking costs about half of decode speed); on
 a device where another process keeps a core busy, a spinning thread that the scheduler has
 parked behind that process stalls all the others, so one thread fewer is faster
-(docs/performance.md and docs/threads.md have the figures). Neither a fixed wait policy nor a fixed thread count is right
-for both, so the count follows the cores that are actually free: before each generation,
+(docs/performance.md has the figures). Neither a fixed wait policy nor a fixed thread count is
+right for both, so the count follows the cores that are actually free: before each generation,
 and every ``_INTERVAL_S`` while one runs, the CPU time other processes took on this
 process's cores since the last look decides how many threads the next tokens get.
 ``docs/design/threads.md`` has the measurements behind each choice.
