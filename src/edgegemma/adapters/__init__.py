@@ -32,6 +32,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import AdapterError, EdgeGemmaError
+from . import _updates
 from .base import AdapterFormat, AdapterSummary
 from .peft import CONFIG_FILE, WEIGHTS_FILE, read_peft
 
@@ -188,11 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("-o", "--output", help="output file (default: inside PEFT_DIR)")
     conv.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
     conv.add_argument("--dtype", choices=("f16", "f32"), help="gguf tensor type (default: f16)")
-    insp = commands.add_parser("inspect", help="rank, alpha, targets and size of an adapter")
-    insp.add_argument("path", help="a PEFT folder, or a .gguf, .onnx_adapter or .lora adapter file")
+    insp = commands.add_parser(
+        "inspect", help="rank, alpha, targets and size of an adapter, or a package's manifest"
+    )
+    insp.add_argument(
+        "path", help="a package folder, a PEFT folder, or a .gguf, .onnx_adapter or .lora file"
+    )
     val = commands.add_parser("validate", help="check that an adapter fits a base model and loads")
     val.add_argument("path", help="a PEFT folder, or a .gguf, .onnx_adapter or .lora adapter file")
     val.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
+    _updates.add_commands(commands)
     options = parser.parse_args(argv)
     try:
         if options.command == "convert":
@@ -205,16 +211,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote {written} ({_size(written.stat().st_size)})")
         elif options.command == "inspect":
-            print(describe(inspect(options.path)))
-        else:
+            print(_inspect_text(Path(options.path)))
+        elif options.command == "validate":
             summary = validate(options.path, options.model)
             backend = FORMATS[summary.format].backend if summary.format in FORMATS else "llamacpp"
             print(f"ok: {summary.path} fits {options.model} and loads in the {backend} backend")
             print(describe(summary))
+        else:
+            _updates.run(options)
     except EdgeGemmaError as exc:
         print(f"edgegemma adapters: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _inspect_text(path: Path) -> str:
+    from .package import MANIFEST, describe_manifest, read_package
+
+    if (path / MANIFEST).is_file():
+        return describe_manifest(read_package(path), path)
+    return describe(inspect(path))
 
 
 def describe(summary: AdapterSummary) -> str:
