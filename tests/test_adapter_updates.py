@@ -19,7 +19,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, greedy
 from loras import random_lora
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Timestamp
@@ -327,3 +327,29 @@ def test_kill_during_download(setup: Setup) -> None:
     assert setup.pull().version == "2"
     assert not list(setup.store.folder(NAME).glob(".partial-*"))
     assert setup.store.problems(NAME) == []
+
+
+def test_replace_adapter_keeps_calls_made_before(clean_engine, lora_dir: Path) -> None:
+    """Calls made before a replace run with the old version, calls after with the new."""
+    engine = clean_engine
+    old, new = lora_dir / "a.gguf", lora_dir / "b.gguf"
+    engine.load_adapter("skill", new)
+    with_new = greedy(engine, adapters={"skill": 1.0})
+    engine.unload_adapter("skill")
+    engine.load_adapter("skill", old)
+    with_old = greedy(engine, adapters={"skill": 1.0})
+    assert with_old != with_new
+    engine.set_adapters({"skill": 1.0})
+    by_engine_set = engine.stream(PROMPT, max_tokens=12)
+    by_call = engine.stream(PROMPT, max_tokens=12, adapters={"skill": 1.0})
+    engine.replace_adapter("skill", new)
+    assert engine.adapters == {"skill": new} and engine.active_adapters == {"skill": 1.0}
+    for made_before in (by_engine_set, by_call):
+        "".join(made_before)
+        assert made_before.result.token_ids == with_old
+    assert greedy(engine) == with_new
+    with pytest.raises(errors.AdapterError):
+        engine.replace_adapter("skill", lora_dir / "wrong-shape.gguf")
+    assert engine.adapters == {"skill": new} and greedy(engine) == with_new
+    with pytest.raises(errors.AdapterError, match="no adapter named 'other'"):
+        engine.replace_adapter("other", old)
