@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -25,16 +26,18 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from edgegemma import adapters, errors
+from edgegemma import adapters, errors, models
 from edgegemma.adapters.package import (
     AcceptanceCase,
     AcceptanceSet,
     pack,
+    parse_version,
     read_package,
 )
-from edgegemma.adapters.pull import pull, rollback
+from edgegemma.adapters.pull import accepted_base_sha256s, pull, rollback
 from edgegemma.adapters.repository import init_repository, keygen, publish
 from edgegemma.adapters.store import Store
+from edgegemma.files import sha256_file
 
 NAME = "skill"
 
@@ -353,3 +356,24 @@ def test_replace_adapter_keeps_calls_made_before(clean_engine, lora_dir: Path) -
     assert engine.adapters == {"skill": new} and greedy(engine) == with_new
     with pytest.raises(errors.AdapterError, match="no adapter named 'other'"):
         engine.replace_adapter("other", old)
+
+
+def test_a_variant_of_the_base_counts_as_the_base(tmp_path: Path, monkeypatch) -> None:
+    """An adapter trained for the base runs on a models.lock variant built from it."""
+    variant = tmp_path / "variant.gguf"
+    variant.write_bytes(b"the variant's bytes")
+    lock = models.read_lock()
+    name = next(n for n, e in lock.items() if e.base == "gemma3-270m")
+    lock[name] = replace(lock[name], sha256=sha256_file(variant))
+    monkeypatch.setattr(models, "read_lock", lambda: lock)
+    monkeypatch.setattr(models, "resolve", lambda model: variant)
+    assert accepted_base_sha256s(name) == (
+        variant,
+        {sha256_file(variant), lock["gemma3-270m"].sha256},
+    )
+
+
+@pytest.mark.parametrize("version", ["v 1", " 1", "1/2", "latest", ""])
+def test_versions_are_pep440_and_path_safe(version: str) -> None:
+    with pytest.raises(errors.UpdateError, match="PEP 440"):
+        parse_version(version)

@@ -106,6 +106,10 @@ class Manifest:
 def parse_version(text: str) -> Version:
     """A package version: PEP 440 (``1``, ``1.2``, ``2.0rc1``), so that newer is defined."""
     try:
+        # The text names a folder in the store and a path in the repository: blanks that
+        # PEP 440 would strip are refused rather than carried into file names.
+        if text != text.strip():
+            raise InvalidVersion(text)
         return Version(text)
     except InvalidVersion:
         raise UpdateError(
