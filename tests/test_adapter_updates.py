@@ -294,7 +294,10 @@ def test_over_size(setup: Setup) -> None:
     setup.assert_unchanged()
 
 
-def test_disk_full(tmp_path: Path, lora_dir: Path, base_header, small_disk) -> None:
+@pytest.mark.parametrize("when", ["before", "while writing"])
+def test_disk_full(
+    tmp_path: Path, lora_dir: Path, base_header, small_disk, monkeypatch, when: str
+) -> None:
     setup = Setup(tmp_path, lora_dir, store=small_disk(4))
     try:
         setup.publish(lora_dir / "a.gguf", "1")
@@ -302,11 +305,40 @@ def test_disk_full(tmp_path: Path, lora_dir: Path, base_header, small_disk) -> N
         big = random_lora(tmp_path / "big.gguf", base_header, seed=5, rank=32, std=0.01)
         assert big.stat().st_size > 4_000_000
         setup.publish(big, "2")
-        with pytest.raises(errors.StoreFullError, match="no space left"):
+        if when == "while writing":  # the free-space check passes: the write hits ENOSPC
+            roomy = shutil.disk_usage(tmp_path)
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: roomy)
+        with pytest.raises(errors.StoreFullError, match="no space left") as refused:
             setup.pull()
+        assert isinstance(refused.value.__cause__, OSError) == (when == "while writing")
         setup.assert_unchanged()
+        assert not list(setup.store.folder(NAME).glob(".partial-*"))
     finally:
         setup.mirror.close()
+
+
+def test_the_exact_commands(tmp_path: Path, lora_dir: Path, capsys) -> None:
+    """keygen, repo-init, publish of a bare GGUF and pull, as a user types them."""
+    key, repo, store = tmp_path / "key", tmp_path / "repo", tmp_path / "store"
+    assert adapters.main(["keygen", str(key)]) == 0
+    assert key.stat().st_mode & 0o777 == 0o600 and key.with_name("key.pub").is_file()
+    assert adapters.main(["keygen", str(key)]) == 1  # never overwrites a key
+    assert adapters.main(["repo-init", str(repo), "--key", str(key)]) == 0
+    assert (repo / "metadata" / "root.json").is_file()
+    publishing = ["publish", str(lora_dir / "a.gguf"), "--name", NAME, "--version", "1.0",
+                  "--repo", str(repo), "--key", str(key)]  # fmt: skip
+    assert adapters.main(publishing) == 0
+    mirror = Mirror(repo)
+    try:
+        pulling = ["pull", NAME, "--repo", mirror.url + "/", "--root",
+                   str(repo / "metadata" / "root.json"), "--store", str(store)]  # fmt: skip
+        assert adapters.main(pulling) == 0
+        assert adapters.main(pulling) == 0
+    finally:
+        mirror.close()
+    out = capsys.readouterr().out
+    assert f"installed {NAME} 1.0 (previous: none)" in out and f"{NAME} 1.0 is current" in out
+    assert Store(store).problems(NAME) == []
 
 
 def test_kill_during_download(setup: Setup) -> None:

@@ -45,7 +45,7 @@ from ..errors import (
     UntrustedUpdateError,
     UpdateError,
 )
-from ..files import disk_full, no_space, sha256_file
+from ..files import disk_full, locked, no_space, sha256_file
 from .package import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -107,8 +107,12 @@ def pull(
     shelf = store if isinstance(store, Store) else Store(store)
     fmt = format_for_backend(backend)
     try:
-        with shelf.locked(name):
-            updater = _updater(shelf, repo_url.rstrip("/"), Path(root))
+        url = repo_url.rstrip("/")
+        metadata_dir = shelf.root / ".tuf" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        # The name's lock keeps its versions; the repository's keeps the trusted metadata
+        # that pulls of other names from the same repository update too.
+        with shelf.locked(name), locked(metadata_dir.with_suffix(".lock")):
+            updater = _updater(metadata_dir, url, Path(root))
             scratch = shelf.scratch(name)
             try:
                 return _pull(
@@ -134,7 +138,8 @@ def pull(
     except tuf_errors.RepositoryError as exc:
         raise UntrustedUpdateError(f"{name}: the repository failed verification: {exc}") from exc
     except tuf_errors.DownloadError as exc:
-        raise UpdateError(f"{name}: download from {repo_url} failed: {exc}") from exc
+        detail = str(exc) or repr(exc.__cause__ or exc)
+        raise UpdateError(f"{name}: download from {repo_url} failed: {detail}") from exc
     except OSError as exc:
         full = no_space(exc, shelf.root)
         if full:
@@ -142,10 +147,9 @@ def pull(
         raise UpdateError(f"{name}: {exc}") from exc
 
 
-def _updater(store: Store, url: str, root: Path) -> Updater:
+def _updater(metadata_dir: Path, url: str, root: Path) -> Updater:
     # One folder of trusted metadata per repository: what the device has seen from it is
     # what later metadata must not be older than.
-    metadata_dir = store.root / ".tuf" / hashlib.sha256(url.encode()).hexdigest()[:16]
     metadata_dir.mkdir(parents=True, exist_ok=True)
     # After the first pull the cached root is the trusted one (it may have been rotated
     # since); the root given is only the first trust.
