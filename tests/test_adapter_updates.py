@@ -338,6 +338,8 @@ def test_the_exact_commands(tmp_path: Path, lora_dir: Path, capsys) -> None:
         mirror.close()
     out = capsys.readouterr().out
     assert f"installed {NAME} 1.0 (previous: none)" in out and f"{NAME} 1.0 is current" in out
+    installed = store / NAME / "versions" / "1.0" / "adapter.gguf"
+    assert out.count(f"adapter file: {installed}") == 2
     assert Store(store).problems(NAME) == []
 
 

@@ -121,6 +121,7 @@ def run(options: argparse.Namespace) -> None:
             )
         else:
             print(f"{result.name} {result.version} is current ({result.note})")
+        print(f"adapter file: {result.path}")
     else:
         version = pull.rollback(options.name, store=options.store)
         print(f"{options.name} {version} is current again")

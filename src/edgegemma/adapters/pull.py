@@ -82,6 +82,8 @@ class PullResult:
     score: float | None = None
     """The acceptance set's score, when there was one."""
     note: str = ""
+    path: Path | None = None
+    """The current version's adapter file for this backend: what to load or serve."""
 
 
 def pull(
@@ -199,7 +201,9 @@ def _pull(
                 if new == current
                 else f"the newest published, {manifest.version}, was rolled back from here"
             )
-            return PullResult(name, state.current, False, state.previous, note=why)
+            current_package = store.installed(name)
+            path = current_package.file(fmt) if current_package is not None else None
+            return PullResult(name, state.current, False, state.previous, note=why, path=path)
         if new < current:
             raise RollbackError(
                 f"{name}: the repository offers {manifest.version}, older than the installed "
@@ -228,7 +232,8 @@ def _pull(
     base_path = _check_base(manifest, model)
     score = _check_on_device(manifest, scratch / file, base_path, backend, n_threads)
     after = store.install(name, manifest.version, scratch)
-    return PullResult(name, manifest.version, True, after.previous, score)
+    installed = store.folder(name) / "versions" / manifest.version / file
+    return PullResult(name, manifest.version, True, after.previous, score, path=installed)
 
 
 def accepted_base_sha256s(model: str | os.PathLike[str]) -> tuple[Path, set[str]]:
