@@ -23,7 +23,7 @@ import pytest
 from conftest import PROMPT, greedy
 from loras import random_lora
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, Timestamp
+from tuf.api.metadata import Metadata, Root, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
 from edgegemma import adapters, errors, models
@@ -193,14 +193,30 @@ def test_tampered_file(setup: Setup) -> None:
     setup.assert_unchanged()
 
 
-def test_bad_signature(setup: Setup) -> None:
+@pytest.mark.parametrize("forgery", ["another key", "unsigned", "a root of another key"])
+def test_bad_signature(setup: Setup, forgery: str) -> None:
     setup.installed_v1()
-    path = setup.repo / "metadata" / "timestamp.json"
-    timestamp = Metadata[Timestamp].from_file(str(path))
-    timestamp.signed.version += 1
-    timestamp.signatures.clear()
-    timestamp.sign(CryptoSigner.generate_ed25519())  # the attacker's own key
-    path.write_bytes(timestamp.to_bytes(JSONSerializer()))
+    attacker = CryptoSigner.generate_ed25519()
+    metadata = setup.repo / "metadata"
+    if forgery == "a root of another key":
+        # A mirror offers the next root, naming and signed by the attacker's key only.
+        root = Metadata[Root].from_file(str(metadata / "root.json"))
+        root.signed.version += 1
+        for role in root.signed.roles:
+            for keyid in list(root.signed.roles[role].keyids):
+                root.signed.revoke_key(keyid, role)
+            root.signed.add_key(attacker.public_key, role)
+        root.signatures.clear()
+        root.sign(attacker)
+        (metadata / "2.root.json").write_bytes(root.to_bytes(JSONSerializer()))
+    else:
+        path = metadata / "timestamp.json"
+        timestamp = Metadata[Timestamp].from_file(str(path))
+        timestamp.signed.version += 1
+        timestamp.signatures.clear()
+        if forgery == "another key":
+            timestamp.sign(attacker)
+        path.write_bytes(timestamp.to_bytes(JSONSerializer()))
     with pytest.raises(errors.BadSignatureError):
         setup.pull()
     setup.assert_unchanged()
