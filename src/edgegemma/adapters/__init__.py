@@ -17,6 +17,11 @@ PEFT and its reader):
 ``edgegemma.adapter_formats`` entry point group. Backends import their format module to read
 and check adapter files; nothing in this package imports a backend, except :func:`validate`,
 which runs an adapter in an engine.
+
+Packages and signed updates (``pack``, ``keygen``, ``repo-init``, ``publish``, ``pull``,
+``rollback``; the ``updates`` extra) live in :mod:`.package` (the manifest), :mod:`.repository`
+(the publisher's TUF repository), :mod:`.pull` (the device's verified pull) and :mod:`.store`
+(the installed versions).
 """
 
 from __future__ import annotations
@@ -170,7 +175,9 @@ def validate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="edgegemma adapters", description="Convert, inspect and validate LoRA adapters."
+        prog="edgegemma adapters",
+        description="Convert, inspect and validate LoRA adapters; pack, sign, publish, pull and "
+        "roll back adapter packages (docs/adapters.md, signed packages and updates).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conv = commands.add_parser("convert", help="convert a PEFT adapter folder for a backend")
