@@ -36,6 +36,8 @@ def place(tmp_path_factory) -> Path:
     (folder / "folder").mkdir()
     (folder / "text.txt").write_text("not json\n")
     (folder / "empty.json").write_text("{}")
+    (folder / "package").mkdir()
+    (folder / "package" / "manifest.json").write_text('{"format": "edgegemma-adapter-package/1"}')
     (folder / "bad-runs.json").write_text(
         '{"schema": "edgegemma.bench/1", "created": "x", "target": "local", "host": {}, '
         '"settings": {}, "runs": [{"backend": 5}], "overhead": [], "skipped": [], "errors": []}'
@@ -78,6 +80,51 @@ CASES = [
     ["edgegemma", "adapters", "convert", "folder", "--to", "gguf"],
     ["edgegemma", "adapters", "convert", "folder", "--to", "elsewhere"],
     ["edgegemma", "adapters", "validate", "text.txt"],
+    ["edgegemma", "adapters", "inspect", "package"],
+    ["edgegemma", "adapters", "pack", "text.txt", "--name", "a", "--version", "1", "-o", "out"],
+    ["edgegemma", "adapters", "pack", "text.txt", "--name", "../a", "--version", "1", "-o", "o"],
+    ["edgegemma", "adapters", "keygen", "text.txt"],
+    ["edgegemma", "adapters", "repo-init", "out", "--key", "text.txt"],
+    [
+        "edgegemma",
+        "adapters",
+        "publish",
+        "text.txt",
+        "--name",
+        "a",
+        "--version",
+        "1",
+        "--repo",
+        "folder",
+        "--key",
+        "text.txt",
+    ],
+    [
+        "edgegemma",
+        "adapters",
+        "pull",
+        "a",
+        "--repo",
+        "http://127.0.0.1:9",
+        "--root",
+        "text.txt",
+        "--store",
+        "out",
+    ],
+    [
+        "edgegemma",
+        "adapters",
+        "pull",
+        "a",
+        "--repo",
+        "http://127.0.0.1:9",
+        "--root",
+        "empty.json",
+        "--store",
+        "out",
+    ],
+    ["edgegemma", "adapters", "pull", "../a", "--repo", "x", "--root", "text.txt"],
+    ["edgegemma", "adapters", "rollback", "a", "--store", "folder"],
     ["edgegemma", "train", "--data", "folder", "--out", "out"],
     ["edgegemma", "train", "--data", "text.txt", "--out", "out"],
     ["edgegemma.bench", "--json", "/proc/no/such/dir/out.json", "-p", "8"],

@@ -25,7 +25,10 @@ _ADAPTER = AdapterGrammar()
 _SUBCOMMANDS = {
     "models": ("edgegemma.models", "list, fetch, verify and pin the artifacts in models.lock"),
     "convert": ("edgegemma.convert", "build GGUF variants, ONNX and LiteRT models from a GGUF"),
-    "adapters": ("edgegemma.adapters", "convert PEFT adapters for a backend; inspect, validate"),
+    "adapters": (
+        "edgegemma.adapters",
+        "convert, inspect, validate adapters; pack, publish, pull signed updates",
+    ),
     "train": ("edgegemma.train", "fine-tune a LoRA adapter on a JSONL of examples (CPU)"),
     "serve": ("edgegemma.serve", "an OpenAI-compatible HTTP server, adapters chosen per request"),
 }

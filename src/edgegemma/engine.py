@@ -189,8 +189,13 @@ class Engine:
         """The engine's adapter set: used by every call that does not pass ``adapters=``."""
         return dict(self._active)
 
-    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
-        """Load a LoRA adapter file under ``name``; the base model is not reloaded."""
+    def load_adapter(
+        self, name: str, path: str | os.PathLike[str], *, replace: bool = False
+    ) -> None:
+        """Load a LoRA adapter file under ``name``; the base model is not reloaded.
+
+        ``replace=True`` (see :meth:`replace_adapter`) puts it in place of the adapter loaded
+        under ``name``."""
         if not isinstance(name, str) or not name:
             raise InvalidParameterError(f"adapter name must be a non-empty string, got {name!r}")
         if not isinstance(path, (str, os.PathLike)) or path == "":
@@ -198,12 +203,20 @@ class Engine:
         adapter_path = Path(path)
         with self._exclusive():
             self._free_doomed()
-            if name in self._adapters:
-                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+            if (name in self._adapters) != replace:
+                raise self._adapters.misnamed(name, replace)
             if not adapter_path.is_file():
                 raise AdapterError(f"adapter file not found: {adapter_path}")
-            self._adapters.add(name, adapter_path, self._backend.load_adapter(adapter_path))
+            handle = self._backend.load_adapter(adapter_path)
+            (self._adapters.replace if replace else self._adapters.add)(name, adapter_path, handle)
+            self._free_doomed()
         log.debug("loaded adapter %s from %s", name, adapter_path)
+
+    def replace_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load ``path`` as the new version of the loaded adapter ``name`` (in the active set
+        or not): calls made before keep the old one, calls after get the new, and the old is
+        freed after its last call. If the new one fails to load, the old one stays."""
+        self.load_adapter(name, path, replace=True)
 
     def unload_adapter(self, name: str) -> None:
         """Remove an adapter. It must not be in the engine's active set.

@@ -76,3 +76,68 @@ class EngineBusyError(EdgeGemmaError):
 
 class ConversionError(EdgeGemmaError):
     """Building a model or adapter in another format failed."""
+
+
+class UpdateError(EdgeGemmaError):
+    """An adapter package could not be packed, published, pulled or installed. The version
+    installed before stays in place; the subclasses say which check refused the update."""
+
+
+class PublishError(UpdateError):
+    """Publishing to an adapter repository was refused: a key the root does not name, a
+    version not newer than the one published, a package whose files do not match its
+    manifest."""
+
+
+class UntrustedUpdateError(UpdateError):
+    """The repository's metadata or a file failed TUF's verification: nothing from that
+    update was installed."""
+
+
+class BadSignatureError(UntrustedUpdateError):
+    """Metadata is not signed by the threshold of keys its trusted root names."""
+
+
+class ExpiredUpdateError(UntrustedUpdateError):
+    """The repository's metadata has expired: its publisher stopped signing, or a mirror
+    serves an old copy (a freeze attack)."""
+
+
+class RollbackError(UntrustedUpdateError):
+    """The repository offers metadata older than the device has seen, or an adapter version
+    older than (or rolled back from) the installed one."""
+
+
+class MixAndMatchError(UntrustedUpdateError):
+    """The repository's metadata files disagree: a snapshot or targets file from another
+    publish than the one the timestamp names."""
+
+
+class TamperedUpdateError(UntrustedUpdateError):
+    """A downloaded file's length or sha256 differs from what the signed metadata records."""
+
+
+class OversizeError(UntrustedUpdateError):
+    """A download is longer than its signed length, or than this device accepts."""
+
+
+class BaseModelMismatchError(UpdateError):
+    """The adapter was trained for another base model than the one this device runs (nor a
+    variant built from it)."""
+
+
+class AdapterRejectedError(UpdateError):
+    """The engine refused to load the downloaded adapter (its header, shapes or values)."""
+
+
+class AcceptanceError(UpdateError):
+    """The adapter scored below its acceptance set's minimum on this device's backend."""
+
+    def __init__(self, message: str, *, score: float, min_score: float):
+        super().__init__(message)
+        self.score = score
+        self.min_score = min_score
+
+
+class StoreFullError(UpdateError):
+    """The adapter store's disk has no room for the update."""

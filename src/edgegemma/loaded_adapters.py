@@ -70,6 +70,19 @@ class LoadedAdapters:
             if loaded.users == 0:
                 self._doomed.append(loaded)
 
+    def replace(self, name: str, path: Path, handle: AdapterHandle) -> None:
+        """Bind ``name`` to a new adapter, in one step under the mutex: a call binds either the
+        old one or the new, never a mix. The old is doomed once nobody uses it, as if
+        unloaded; the name keeps its place in any active set."""
+        with self._mutex:
+            old = self._by_name.get(name)
+            if old is None:
+                raise self._unknown(name)
+            self._by_name[name] = LoadedAdapter(next(self._uids), name, path, handle)
+            old.unloaded = True
+            if old.users == 0:
+                self._doomed.append(old)
+
     def checked(self, adapters: object) -> dict[str, float]:
         """``adapters`` (``{name: scale}`` or None) as a call's adapter set: names loaded,
         scales C floats, zero scales left out (that adapter is then not applied at all)."""
@@ -124,6 +137,12 @@ class LoadedAdapters:
         with self._mutex:
             self._by_name.clear()
             self._doomed.clear()
+
+    def misnamed(self, name: str, replacing: bool) -> AdapterError:
+        """The error for loading under a taken name, or replacing one not loaded."""
+        if replacing:
+            return self._unknown(name)
+        return AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
 
     def _unknown(self, name: object) -> AdapterError:
         known = ", ".join(sorted(self._by_name)) or "none"

@@ -17,6 +17,11 @@ PEFT and its reader):
 ``edgegemma.adapter_formats`` entry point group. Backends import their format module to read
 and check adapter files; nothing in this package imports a backend, except :func:`validate`,
 which runs an adapter in an engine.
+
+Packages and signed updates (``pack``, ``keygen``, ``repo-init``, ``publish``, ``pull``,
+``rollback``; the ``updates`` extra) live in :mod:`.package` (the manifest), :mod:`.repository`
+(the publisher's TUF repository), :mod:`.pull` (the device's verified pull) and :mod:`.store`
+(the installed versions).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import AdapterError, EdgeGemmaError
+from . import _updates
 from .base import AdapterFormat, AdapterSummary
 from .peft import CONFIG_FILE, WEIGHTS_FILE, read_peft
 
@@ -169,7 +175,9 @@ def validate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="edgegemma adapters", description="Convert, inspect and validate LoRA adapters."
+        prog="edgegemma adapters",
+        description="Convert, inspect and validate LoRA adapters; pack, sign, publish, pull and "
+        "roll back adapter packages (docs/adapters.md, signed packages and updates).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conv = commands.add_parser("convert", help="convert a PEFT adapter folder for a backend")
@@ -188,11 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("-o", "--output", help="output file (default: inside PEFT_DIR)")
     conv.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
     conv.add_argument("--dtype", choices=("f16", "f32"), help="gguf tensor type (default: f16)")
-    insp = commands.add_parser("inspect", help="rank, alpha, targets and size of an adapter")
-    insp.add_argument("path", help="a PEFT folder, or a .gguf, .onnx_adapter or .lora adapter file")
+    insp = commands.add_parser(
+        "inspect", help="rank, alpha, targets and size of an adapter, or a package's manifest"
+    )
+    insp.add_argument(
+        "path", help="a package folder, a PEFT folder, or a .gguf, .onnx_adapter or .lora file"
+    )
     val = commands.add_parser("validate", help="check that an adapter fits a base model and loads")
     val.add_argument("path", help="a PEFT folder, or a .gguf, .onnx_adapter or .lora adapter file")
     val.add_argument("--model", default=DEFAULT_MODEL, help="base model (default: %(default)s)")
+    _updates.add_commands(commands)
     options = parser.parse_args(argv)
     try:
         if options.command == "convert":
@@ -205,16 +218,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote {written} ({_size(written.stat().st_size)})")
         elif options.command == "inspect":
-            print(describe(inspect(options.path)))
-        else:
+            print(_inspect_text(Path(options.path)))
+        elif options.command == "validate":
             summary = validate(options.path, options.model)
             backend = FORMATS[summary.format].backend if summary.format in FORMATS else "llamacpp"
             print(f"ok: {summary.path} fits {options.model} and loads in the {backend} backend")
             print(describe(summary))
+        else:
+            _updates.run(options)
     except EdgeGemmaError as exc:
         print(f"edgegemma adapters: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _inspect_text(path: Path) -> str:
+    from .package import MANIFEST, describe_manifest, read_package
+
+    if (path / MANIFEST).is_file():
+        return describe_manifest(read_package(path), path)
+    return describe(inspect(path))
 
 
 def describe(summary: AdapterSummary) -> str:
