@@ -189,13 +189,17 @@ class Engine:
         """The engine's adapter set: used by every call that does not pass ``adapters=``."""
         return dict(self._active)
 
-    def load_adapter(
-        self, name: str, path: str | os.PathLike[str], *, replace: bool = False
-    ) -> None:
-        """Load a LoRA adapter file under ``name``; the base model is not reloaded.
+    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load a LoRA adapter file under ``name``; the base model is not reloaded."""
+        self._load_adapter(name, path, replace=False)
 
-        ``replace=True`` (see :meth:`replace_adapter`) puts it in place of the adapter loaded
-        under ``name``."""
+    def replace_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load ``path`` as the new version of the loaded adapter ``name`` (in the active set
+        or not): calls made before keep the old one, calls after get the new, and the old is
+        freed after its last call. If the new one fails to load, the old one stays."""
+        self._load_adapter(name, path, replace=True)
+
+    def _load_adapter(self, name: str, path: str | os.PathLike[str], *, replace: bool) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidParameterError(f"adapter name must be a non-empty string, got {name!r}")
         if not isinstance(path, (str, os.PathLike)) or path == "":
@@ -211,12 +215,6 @@ class Engine:
             (self._adapters.replace if replace else self._adapters.add)(name, adapter_path, handle)
             self._free_doomed()
         log.debug("loaded adapter %s from %s", name, adapter_path)
-
-    def replace_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
-        """Load ``path`` as the new version of the loaded adapter ``name`` (in the active set
-        or not): calls made before keep the old one, calls after get the new, and the old is
-        freed after its last call. If the new one fails to load, the old one stays."""
-        self.load_adapter(name, path, replace=True)
 
     def unload_adapter(self, name: str) -> None:
         """Remove an adapter. It must not be in the engine's active set.
