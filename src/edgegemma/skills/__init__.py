@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..decisions import Choice, Schema
 from ..errors import InvalidParameterError
 from ..jsonl import parse_lines
 from . import emoji, sensor
@@ -96,6 +97,15 @@ LABELS: dict[str, list[str]] = {
 }
 """The labels of each classification skill as ``Engine.classify`` takes them (with the leading
 space the answer has after the prompt)."""
+QUESTIONS: dict[str, Schema] = {
+    "sensor": Schema(
+        (Choice("status", labels=sensor.LABELS, prompt="\nStatus:"),),
+        template=sensor.prompt("{text}").removesuffix("\nStatus:"),
+    ),
+}
+"""The question each classification skill answers, for :meth:`~edgegemma.Engine.decide`: the
+skill's own prompt cut into the input's template and the question's text, so that the adapter
+sees the format it was trained on."""
 
 sensor_label = sensor.normalise
 
