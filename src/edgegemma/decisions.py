@@ -410,6 +410,16 @@ def _adapters(adapters: object) -> dict[str, float]:
     return dict(adapters)
 
 
+def priors(
+    engine: Engine, questions: object, adapters: object = ENGINE_ADAPTERS
+) -> dict[str, np.ndarray | None]:
+    """Each question's prior over its options, as measured on the content-free inputs under
+    ``adapters`` (None for a question that is not calibrated)."""
+    schema = schema_of(questions)
+    active = engine.active_adapters if adapters is ENGINE_ADAPTERS else _adapters(adapters)
+    return _priors(engine, schema, _continuations(schema), active)
+
+
 def _classify(
     engine: Engine, prompts: list[str], labels: list[str], active: dict[str, float]
 ) -> list[Classification]:
