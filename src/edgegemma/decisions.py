@@ -1,9 +1,11 @@
 """Typed decisions read from the model's likelihoods: choices, yes/no conditions and scales.
 
-A :class:`Schema` holds a prompt template for the input and its questions. The input is
-evaluated once; each question is a branch after it -- its own text, then each of its options --
-scored the way :meth:`Engine.classify` scores labels (one prefill, the options' tokens after
-it), so several questions cost one prefill and a few tokens each, not a generation.
+A :class:`Schema` holds a prompt template for the input and its questions. Each question is a
+branch of the input: the input's text, the question's, then each of its options scored the
+way :meth:`Engine.classify` scores labels (one prefill, the options' tokens after it), with no
+generation. The input's tokens open every branch, so the engine's prefix cache evaluates them
+once where it may reuse them (and a batch's shared prefix once in ``decide_many``); every
+question is answered exactly as if it were asked alone.
 
 An option's raw probability is its likelihood normalised over the question's options. A model
 has a prior over the options that does not depend on the input (it favours a word it has seen
@@ -11,7 +13,9 @@ more often); contextual calibration (Zhao et al., 2021, "Calibrate before use") 
 prior on content-free inputs (``"N/A"``, ``""``, ``"[MASK]"``) put through the same template and
 divides it out. A temperature then sharpens or flattens the result, and a question abstains
 (``label=None``) when its confidence, the probability of its answer, is under
-``min_confidence``.
+``min_confidence``. Calibration helps where the content-free inputs carry no answer; for a
+skill whose empty input has a right answer (an empty sensor reading is a normal one) it
+removes signal, so such a question turns it off (``calibrate=False``).
 """
 
 from __future__ import annotations
@@ -257,29 +261,12 @@ def _probability(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
 
 
-def continuation(question: Question, option: str) -> str:
-    """The text scored after the input for ``option`` of ``question``."""
-    return f"{question.ask()} {option}"
-
-
-def _continuations(schema: Schema) -> list[str]:
-    seen: dict[str, None] = {}
-    for question in schema.questions:
-        for option in question.options():
-            seen.setdefault(continuation(question, option))
-    return list(seen)
-
-
 # -- the math ------------------------------------------------------------------------------
 
 
-def raw_probabilities(question: Question, logprobs: Mapping[str, float]) -> np.ndarray:
-    """The question's options' likelihoods (from the continuations' log-probabilities),
-    normalised over the options. The question's own text is common to every option, so its
-    likelihood cancels."""
-    values = np.array([logprobs[continuation(question, o)] for o in question.options()])
-    found = np.exp(values - values.max())
-    return np.asarray(found / found.sum())
+def _option_labels(question: Question) -> list[str]:
+    """The options as scored after the question's text (a space first, as after "Answer:")."""
+    return [f" {option}" for option in question.options()]
 
 
 def calibrated(raw: np.ndarray, prior: np.ndarray | None, temperature: float) -> np.ndarray:
@@ -369,22 +356,18 @@ def decide_many(
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise InvalidParameterError("texts must be a list of strings")
     active = engine.active_adapters if adapters is ENGINE_ADAPTERS else _adapters(adapters)
-    labels = _continuations(schema)
-    priors = _priors(engine, schema, labels, active)
+    priors = _priors(engine, schema, active)
     started = time.perf_counter()
-    found = _classify(engine, [schema.prompt(t) for t in texts], labels, active)
+    raws = _raw(engine, schema, [schema.prompt(t) for t in texts], active)
     share = (time.perf_counter() - started) / max(len(texts), 1)
     return [
         Decisions(
-            answers={
-                q.name: answer(q, raw_probabilities(q, c.logprobs), priors[q.name])
-                for q in schema.questions
-            },
-            prompt_tokens=c.prompt_tokens,
+            answers={q.name: answer(q, raw[q.name], priors[q.name]) for q in schema.questions},
+            prompt_tokens=tokens,
             seconds=share,
             adapters=dict(active),
         )
-        for c in found
+        for raw, tokens in raws
     ]
 
 
@@ -393,11 +376,11 @@ def prewarm(engine: Engine, questions: object, adapters: object) -> None:
     :meth:`Engine.prewarm`)."""
     schema = schema_of(questions)
     active = engine.active_adapters if adapters is ENGINE_ADAPTERS else _adapters(adapters)
-    labels = _continuations(schema)
-    _priors(engine, schema, labels, active)
+    _priors(engine, schema, active)
     # Evaluating the prefix last leaves it in the engine's prefix cache for the next call.
     if schema.prefix:
-        engine.classify(schema.prefix, labels[:2], adapters=active)
+        first = schema.questions[0]
+        engine.classify(schema.prefix, _option_labels(first), adapters=active)
 
 
 def _adapters(adapters: object) -> dict[str, float]:
@@ -410,6 +393,29 @@ def _adapters(adapters: object) -> dict[str, float]:
     return dict(adapters)
 
 
+def _raw(
+    engine: Engine, schema: Schema, prompts: list[str], active: dict[str, float]
+) -> list[tuple[dict[str, np.ndarray], int]]:
+    """Each prompt's raw probabilities by question, and its prompt's tokens.
+
+    Each question is its prompt's branch: the input's text then the question's, the options
+    scored after it. The input's tokens are the same in every branch, so the engine's prefix
+    cache (and, for a batch, classify_many's shared prefix) serves them where it may reuse
+    them; every question is also answered exactly as if it were asked alone."""
+    found: list[tuple[dict[str, np.ndarray], int]] = [({}, 0) for _ in prompts]
+    for question in schema.questions:
+        labels = _option_labels(question)
+        asked = [prompt + question.ask() for prompt in prompts]
+        if len(asked) == 1:
+            results = [engine.classify(asked[0], labels, adapters=active)]
+        else:
+            results = engine.classify_many(asked, labels, adapters=active)
+        for i, result in enumerate(results):
+            found[i][0][question.name] = np.array([result.scores[label] for label in labels])
+            found[i] = (found[i][0], max(found[i][1], result.prompt_tokens))
+    return found
+
+
 def priors(
     engine: Engine, questions: object, adapters: object = ENGINE_ADAPTERS
 ) -> dict[str, np.ndarray | None]:
@@ -417,41 +423,27 @@ def priors(
     ``adapters`` (None for a question that is not calibrated)."""
     schema = schema_of(questions)
     active = engine.active_adapters if adapters is ENGINE_ADAPTERS else _adapters(adapters)
-    return _priors(engine, schema, _continuations(schema), active)
-
-
-def _classify(
-    engine: Engine, prompts: list[str], labels: list[str], active: dict[str, float]
-) -> list[Classification]:
-    if len(prompts) == 1:
-        return [engine.classify(prompts[0], labels, adapters=active)]
-    return engine.classify_many(prompts, labels, adapters=active)
+    return _priors(engine, schema, active)
 
 
 def _priors(
-    engine: Engine, schema: Schema, labels: list[str], active: dict[str, float]
+    engine: Engine, schema: Schema, active: dict[str, float]
 ) -> dict[str, np.ndarray | None]:
     """Each question's prior (None where it is not calibrated), measured once per engine,
     template, question and adapter set (with the adapters' files, so that a name loaded
     again from another file is measured again)."""
     paths = engine.adapters
-    key_adapters = tuple(sorted((n, s, str(paths.get(n))) for n, s in active.items()))
+    named = tuple(sorted((n, s, str(paths.get(n))) for n, s in active.items()))
     cache = _PRIORS.setdefault(engine, {})
-    wanted = [q for q in schema.questions if q.calibrate]
-    missing = [
-        q for q in wanted if (schema.template, schema.content_free, q, key_adapters) not in cache
-    ]
+
+    def key(question: Question) -> tuple[object, ...]:
+        return (schema.template, schema.content_free, question, named)
+
+    missing = [q for q in schema.questions if q.calibrate and key(q) not in cache]
     if missing:
-        found = _classify(engine, [schema.prompt(c) for c in schema.content_free], labels, active)
+        inputs = [schema.prompt(c) for c in schema.content_free]
+        raws = _raw(engine, Schema(tuple(missing), schema.template), inputs, active)
         for question in missing:
-            raws = [raw_probabilities(question, c.logprobs) for c in found]
-            prior = np.mean(raws, axis=0)
-            cache[(schema.template, schema.content_free, question, key_adapters)] = prior / (
-                prior.sum()
-            )
-    return {
-        q.name: (
-            cache[(schema.template, schema.content_free, q, key_adapters)] if q.calibrate else None
-        )
-        for q in schema.questions
-    }
+            prior = np.mean([raw[question.name] for raw, _ in raws], axis=0)
+            cache[key(question)] = prior / prior.sum()
+    return {q.name: cache[key(q)] if q.calibrate else None for q in schema.questions}

@@ -99,7 +99,9 @@ LABELS: dict[str, list[str]] = {
 space the answer has after the prompt)."""
 QUESTIONS: dict[str, Schema] = {
     "sensor": Schema(
-        (Choice("status", labels=sensor.LABELS, prompt="\nStatus:"),),
+        # Not calibrated against content-free inputs: an empty reading is a normal one by the
+        # skill's rule, so that "prior" is an answer, not a bias (docs/performance.md).
+        (Choice("status", labels=sensor.LABELS, prompt="\nStatus:", calibrate=False),),
         template=sensor.prompt("{text}").removesuffix("\nStatus:"),
     ),
 }
