@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from backend_kits import BACKENDS
 
 from edgegemma import Choice, Decisions, Scale, Schema, YesNo, skills
 from edgegemma.decisions import calibrated, expected_calibration_error
@@ -117,6 +118,21 @@ def test_prewarm_then_decide_gives_the_same_answer(sensor_engine):
     first = sensor_engine.decide(READINGS[2], question, adapters=SENSOR)
     again = sensor_engine.decide(READINGS[2], question, adapters=SENSOR)
     assert first["status"].scores == pytest.approx(again["status"].scores, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decide_on_every_backend(engines, backend):
+    engine, _ = engines(backend)
+    small = Schema(
+        (YesNo("hot", condition="Is it hot?"), Choice("kind", ("heat", "cold"))),
+        template="Reading: {text}",
+    )
+    many = engine.decide_many(["temp=95C", "temp=-20C"], small, adapters=None)
+    one = engine.decide("temp=95C", small, adapters=None)
+    for name in ("hot", "kind"):
+        assert math.isclose(sum(one[name].scores.values()), 1.0, abs_tol=1e-9)
+        assert many[0][name].scores == pytest.approx(one[name].scores, abs=0.02)
+        assert one[name].scores != pytest.approx(one[name].raw, abs=1e-6)  # calibrated
 
 
 @pytest.mark.parametrize(

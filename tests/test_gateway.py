@@ -265,6 +265,31 @@ def test_a_broker_restart_loses_no_reading(broker, clients, gguf_path):
         stop_gateway(gateway)
 
 
+def test_two_routes_from_a_config_file(broker, clients, gguf_path, tmp_path):
+    results, readings = clients
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[[route]]\nin = "notes/#"\ntemplate = "Operator note: {text}"\n'
+        "questions = [\n"
+        '  {kind = "yesno", name = "urgent", condition = "Is help needed now?"},\n'
+        '  {kind = "scale", name = "severity", instruction = "How severe?", low = 1, high = 3},\n'
+        "]\n"
+    )
+    gateway = start_gateway(broker, gguf_path, "--config", str(config))
+    try:
+        readings.publish("sensors/a/reading", "batt=3.1V")
+        readings.publish("notes/line2", json.dumps({"id": "n1", "text": "the pump is on fire"}))
+        found = results.wait_for(lambda r: len([t for t, _ in r if t != "results/metrics"]) >= 2)
+    finally:
+        stop_gateway(gateway)
+    by_topic = dict(found)
+    assert by_topic["results/sensors/a/reading"]["label"] == "critical"
+    note = by_topic["results/notes/line2"]
+    assert note["id"] == "n1" and note["adapter"] is None
+    assert note["label"] in ("yes", "no") and set(note["answers"]) == {"urgent", "severity"}
+    assert 1 <= note["answers"]["severity"]["value"] <= 3
+
+
 def test_config_errors_are_invalid_parameters(tmp_path):
     from edgegemma import gateway
 
