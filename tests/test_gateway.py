@@ -203,6 +203,7 @@ def test_readings_in_results_out(broker, clients, gguf_path):
     assert boiler["label"] == "critical" and fan["label"] == "normal"
     for result in (boiler, fan):
         assert set(result) >= {"id", "label", "scores", "confidence", "latency_ms", "adapter"}
+        assert result["model"] == gguf_path.name and len(result["adapter_version"]) == 12
         assert set(result["scores"]) == set(sensor.LABELS)
         assert sum(result["scores"].values()) == pytest.approx(1.0)
         assert result["confidence"] == max(result["scores"].values())

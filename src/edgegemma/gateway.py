@@ -41,6 +41,8 @@ from typing import Any
 from .decisions import Choice, Decisions, Question, Scale, Schema, YesNo, schema_of
 from .engine import Engine
 from .errors import EdgeGemmaError, InvalidParameterError
+from .files import sha256_file
+from .models import default_model
 
 log = logging.getLogger("edgegemma.gateway")
 
@@ -303,6 +305,7 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self._inbox: queue.Queue[_Reading] = queue.Queue()
+        self._stop = threading.Event()
         self.subscribed = threading.Event()
         """Set once the broker has confirmed the subscriptions (readings are kept from then)."""
         self.client = mqtt.Client(
@@ -323,6 +326,14 @@ class Gateway:
                 engine.load_adapter(route.adapter, route.adapter_path)
         for route in config.routes:
             engine.prewarm(route.schema, adapters=_adapters(route))
+        # The model's name as the user gave it (a cached build's file is named model.gguf),
+        # and each adapter's version: the start of its file's hash.
+        self.model = Path(config.model).name if config.model else default_model(config.backend)
+        self.versions: dict[str | None, str] = {
+            route.adapter: sha256_file(route.adapter_path)[:12]
+            for route in config.routes
+            if route.adapter is not None and route.adapter_path is not None
+        }
 
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: Any, reason: Any, properties: Any
@@ -351,6 +362,7 @@ class Gateway:
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Answer readings until ``stop`` is set; the batch in hand is finished first.
         ``on_ready`` is called once the broker has confirmed the subscriptions."""
+        self._stop = stop
         self.client.connect_async(
             self.config.host, self.config.port, keepalive=self.config.keepalive
         )
@@ -428,7 +440,7 @@ class Gateway:
                 continue
             for reading, decisions in zip(group, found):
                 sent.append((reading, self._result(reading, decisions)))
-        self._acknowledge(sent)
+        self._acknowledge(sent, self._stop)
 
     def answer_one(
         self, reading: _Reading, sent: list[tuple[_Reading, mqtt.MQTTMessageInfo]]
@@ -453,9 +465,8 @@ class Gateway:
         latency_ms = (time.perf_counter() - reading.received) * 1000
         self.metrics.readings += 1
         self.metrics.latencies_ms.append(latency_ms)
-        payload = result_of(
-            reading.id, found, reading.route, latency_ms, self.engine.model_path.name
-        )
+        payload = result_of(reading.id, found, reading.route, latency_ms, self.model)
+        payload["adapter_version"] = self.versions.get(reading.route.adapter)
         return self._publish(f"{self.config.out}/{reading.message.topic}", payload)
 
     def _error(self, reading: _Reading, error: str) -> mqtt.MQTTMessageInfo:
@@ -468,11 +479,17 @@ class Gateway:
     def _publish(self, topic: str, payload: dict[str, Any], qos: int = 1) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, json.dumps(payload), qos=qos)
 
-    def _acknowledge(self, sent: list[tuple[_Reading, mqtt.MQTTMessageInfo]]) -> None:
+    def _acknowledge(
+        self, sent: list[tuple[_Reading, mqtt.MQTTMessageInfo]], stop: threading.Event
+    ) -> None:
         """Acknowledge each reading once the broker has its result. While the broker is away
-        the results wait in paho's queue and go out on reconnection; the readings wait too."""
+        the results wait in paho's queue and go out on reconnection; the readings wait too.
+        Stopping while the broker is away leaves the rest unacknowledged: the broker delivers
+        them again to the next run."""
         for reading, info in sent:
             while not _delivered(info):
+                if stop.is_set() and not self.client.is_connected():
+                    return
                 time.sleep(0.005)
             self.client.ack(reading.message.mid, reading.message.qos)
 
