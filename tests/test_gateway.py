@@ -330,3 +330,21 @@ def test_parse_payload():
     for payload in (b"\xff", b"{", b"{}", b'{"text": 5}', b'{"text": "x", "id": [1]}', b""):
         with pytest.raises(PayloadError):
             parse_payload("t", payload)
+
+
+def test_without_paho_the_command_says_which_extra():
+    code = (
+        "import sys; sys.modules['paho'] = None\n"
+        "from edgegemma.cli import main\n"
+        "sys.exit(main(['gateway', '--broker', 'h:1', '--in', 'a', '--skill', 'sensor']))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert found.returncode == 1 and "Traceback" not in found.stderr
+    assert "edgegemma[gateway]" in found.stderr

@@ -283,9 +283,27 @@ def read_config(args: argparse.Namespace) -> Config:
         metrics_s=table.get("metrics_s", 10.0),
         max_bytes=table.get("max_bytes", MAX_PAYLOAD_BYTES),
     )
-    if not isinstance(config.batch, int) or not 1 <= config.batch <= 256:
-        raise InvalidParameterError(f"batch must be an integer in [1, 256], got {config.batch!r}")
+    _check_number("batch", config.batch, 1, 256, integer=True)
+    _check_number("batch_ms", config.batch_ms, 0, 10_000)
+    _check_number("metrics_s", config.metrics_s, 0, 86_400)
+    _check_number("max_bytes", config.max_bytes, 1, 256 * 1024 * 1024, integer=True)
+    if not isinstance(config.client_id, str) or not config.client_id:
+        raise InvalidParameterError(
+            f"client_id must be a non-empty string, got {config.client_id!r}"
+        )
+    for name in ("model", "backend"):
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
+            raise InvalidParameterError(f"{name} must be a string")
     return config
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float, *, integer: bool = False
+) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise InvalidParameterError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
 
 
 # -- the gateway -------------------------------------------------------------------------------
