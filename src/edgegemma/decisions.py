@@ -2,10 +2,9 @@
 
 A :class:`Schema` holds a prompt template for the input and its questions. Each question is a
 branch of the input: the input's text, the question's, then each of its options scored the
-way :meth:`Engine.classify` scores labels (one prefill, the options' tokens after it), with no
-generation. The input's tokens open every branch, so the engine's prefix cache evaluates them
-once where it may reuse them (and a batch's shared prefix once in ``decide_many``); every
-question is answered exactly as if it were asked alone.
+way :meth:`Engine.classify` scores labels (the options' tokens after one prefill), with no
+generation. Where the backend batches (llama.cpp), one input's questions are scored in one
+pass: the input's tokens once, each question's text a sequence branching from them.
 
 An option's raw probability is its likelihood normalised over the question's options. A model
 has a prior over the options that does not depend on the input (it favours a word it has seen
@@ -398,11 +397,28 @@ def _raw(
 ) -> list[tuple[dict[str, np.ndarray], int]]:
     """Each prompt's raw probabilities by question, and its prompt's tokens.
 
-    Each question is its prompt's branch: the input's text then the question's, the options
-    scored after it. The input's tokens are the same in every branch, so the engine's prefix
-    cache (and, for a batch, classify_many's shared prefix) serves them where it may reuse
-    them; every question is also answered exactly as if it were asked alone."""
+    Each question is a branch of its input: the input's text, the question's, then the options
+    scored after it. One input's questions go to the model together, as one classify_many
+    over the branches with every question's options: where the backend batches, the input's
+    tokens (the branches' common prefix) are evaluated once, each question's text as its own
+    sequence after them, and an option's first token is read from its question's last
+    logits, so the options of other questions cost nothing. Several inputs go question by
+    question, each a classify_many over the inputs (their common prefix shared)."""
     found: list[tuple[dict[str, np.ndarray], int]] = [({}, 0) for _ in prompts]
+
+    def record(i: int, question: Question, result: Classification) -> None:
+        values = np.array([result.logprobs[label] for label in _option_labels(question)])
+        probabilities = np.exp(values - values.max())
+        found[i][0][question.name] = probabilities / probabilities.sum()
+        found[i] = (found[i][0], max(found[i][1], result.prompt_tokens))
+
+    if len(prompts) == 1 and len(schema.questions) > 1:
+        every = list(dict.fromkeys(o for q in schema.questions for o in _option_labels(q)))
+        branches = [prompts[0] + question.ask() for question in schema.questions]
+        results = engine.classify_many(branches, every, adapters=active)
+        for question, result in zip(schema.questions, results):
+            record(0, question, result)
+        return found
     for question in schema.questions:
         labels = _option_labels(question)
         asked = [prompt + question.ask() for prompt in prompts]
@@ -411,8 +427,7 @@ def _raw(
         else:
             results = engine.classify_many(asked, labels, adapters=active)
         for i, result in enumerate(results):
-            found[i][0][question.name] = np.array([result.scores[label] for label in labels])
-            found[i] = (found[i][0], max(found[i][1], result.prompt_tokens))
+            record(i, question, result)
     return found
 
 
