@@ -348,3 +348,24 @@ def test_without_paho_the_command_says_which_extra():
     )
     assert found.returncode == 1 and "Traceback" not in found.stderr
     assert "edgegemma[gateway]" in found.stderr
+
+
+def test_the_gateway_from_python(broker, clients, engine):
+    """The pieces the command is made of, in a program: an engine, a route, a Gateway."""
+    from edgegemma.gateway import Config, Gateway, skill_route
+
+    results, readings = clients
+    config = Config("127.0.0.1", broker.port, routes=(skill_route(FILTER, "sensor"),))
+    gateway, stop, ready = Gateway(engine, config), threading.Event(), threading.Event()
+    worker = threading.Thread(target=gateway.run, args=(stop, ready.set))
+    worker.start()
+    try:
+        assert ready.wait(30)
+        readings.publish("sensors/x/reading", "vib=0.9g")
+        [(topic, result)] = answers(results.wait_for(lambda r: len(answers(r)) == 1))
+    finally:
+        stop.set()
+        worker.join(30)
+        engine.unload_adapter("sensor")
+    assert topic == "results/sensors/x/reading" and result["label"] == "warning"
+    assert gateway.metrics.readings == 1 and not worker.is_alive()
