@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 test_packages=""
 for need in sshd:openssh-server ssh:openssh-client qemu-aarch64-static:qemu-user-static \
     aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
-    debootstrap:debootstrap cmake:cmake curl:curl; do
+    debootstrap:debootstrap cmake:cmake curl:curl mosquitto:mosquitto; do
     command -v "${need%%:*}" >/dev/null || [ -x "/usr/sbin/${need%%:*}" ] || test_packages="$test_packages ${need#*:}"
 done
 if [ -n "$test_packages" ]; then

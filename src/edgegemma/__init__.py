@@ -9,6 +9,7 @@ from .backends import available_backends
 from .backends.base import Backend, BackendOptions, Features, ModelInfo
 from .batching import Together
 from .chat import ChatTemplate, Message
+from .decisions import Choice, Decision, Decisions, Scale, Schema, YesNo
 from .engine import Engine, load
 from .errors import (
     AdapterError,
@@ -40,9 +41,12 @@ __all__ = [
     "BackendUnavailableError",
     "ChatOptions",
     "ChatTemplate",
+    "Choice",
     "Classification",
     "ContextOverflowError",
     "ConversionError",
+    "Decision",
+    "Decisions",
     "EdgeGemmaError",
     "Engine",
     "EngineBusyError",
@@ -58,12 +62,15 @@ __all__ = [
     "Perplexity",
     "Result",
     "SamplingParams",
+    "Scale",
+    "Schema",
     "Stats",
     "Stream",
     "TimedOutError",
     "Together",
     "TokenLogprob",
     "UnsupportedArchitectureError",
+    "YesNo",
     "available_backends",
     "load",
 ]

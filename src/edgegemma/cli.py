@@ -31,6 +31,7 @@ _SUBCOMMANDS = {
     ),
     "train": ("edgegemma.train", "fine-tune a LoRA adapter on a JSONL of examples (CPU)"),
     "serve": ("edgegemma.serve", "an OpenAI-compatible HTTP server, adapters chosen per request"),
+    "gateway": ("edgegemma.gateway", "answer MQTT readings with calibrated decisions (a skill)"),
 }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Self, TypeVar, Unpack
 
-from . import scoring
+from . import decisions, scoring
 from .backends import backend_for_path, get_backend
 from .backends.base import (
     Backend,
@@ -39,6 +39,7 @@ from .chat import (
     gemma_template,
 )
 from .constraints import Matcher, Vocabulary, make_constraint
+from .decisions import Decisions, Questions
 from .errors import (
     AdapterError,
     BackendUnavailableError,
@@ -82,6 +83,7 @@ from .streams import Holder, Progress, Stream, TextAssembler, token_logprob
 from .threads import ThreadPolicy, default_threads, usable_cores
 
 _T = TypeVar("_T")
+_Adapters = Mapping[str, float] | None | _EngineAdapters
 log = logging.getLogger("edgegemma")
 
 GEMMA_BOS, GEMMA_EOS = "<bos>", "<eos>"
@@ -376,7 +378,7 @@ class Engine:
         text: str,
         *,
         window: int = 1024,
-        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+        adapters: _Adapters = ENGINE_ADAPTERS,
     ) -> Perplexity:
         """The model's perplexity on ``text``, the way llama.cpp's perplexity tool measures it.
 
@@ -407,7 +409,7 @@ class Engine:
         prompt: str | Sequence[int],
         labels: Sequence[str],
         *,
-        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+        adapters: _Adapters = ENGINE_ADAPTERS,
         timeout: float | None = None,
     ) -> Classification:
         """Which of ``labels`` the model says follows ``prompt``, with a probability for each.
@@ -442,7 +444,7 @@ class Engine:
         prompts: Sequence[str | Sequence[int]],
         labels: Sequence[str],
         *,
-        adapters: Mapping[str, float] | None | _EngineAdapters = ENGINE_ADAPTERS,
+        adapters: _Adapters = ENGINE_ADAPTERS,
     ) -> list[Classification]:
         """:meth:`classify` for each prompt, under one adapter set.
 
@@ -484,6 +486,25 @@ class Engine:
             for ids, values in zip(prompt_ids, totals)
         ]
 
+    def decide(
+        self, text: str, questions: Questions, *, adapters: _Adapters = ENGINE_ADAPTERS
+    ) -> Decisions:
+        """Answer typed questions about ``text`` (a :class:`~.decisions.Schema`, or questions
+        put in the prompt after it) from one evaluation of it, each question a branch scored
+        like :meth:`classify`'s labels, its probabilities calibrated (:mod:`.decisions`)."""
+        return decisions.decide_many(self, [text], questions, adapters)[0]
+
+    def decide_many(
+        self, texts: Sequence[str], questions: Questions, *, adapters: _Adapters = ENGINE_ADAPTERS
+    ) -> list[Decisions]:
+        """:meth:`decide` for each text, batched as :meth:`classify_many` batches prompts."""
+        return decisions.decide_many(self, texts, questions, adapters)
+
+    def prewarm(self, questions: Questions, *, adapters: _Adapters = ENGINE_ADAPTERS) -> None:
+        """Measure the questions' priors and evaluate the schema's static prefix now, so that
+        the next :meth:`decide` does neither (the prefix through the prefix cache)."""
+        decisions.prewarm(self, questions, adapters)
+
     def _check_can_score(self, what: str) -> None:
         self._check_open()
         if not self.features.score:
@@ -503,12 +524,7 @@ class Engine:
         return prompt_ids
 
     def _label_ids(self, labels: object) -> list[list[int]]:
-        checked = scoring.check_labels(labels)
-        ids = [self.tokenize(label, add_bos=False) for label in checked]
-        empty = [label for label, found in zip(checked, ids) if not found]
-        if empty:
-            raise InvalidParameterError(f"labels {empty!r} stand for no tokens")
-        return ids
+        return scoring.label_ids(labels, lambda label: self.tokenize(label, add_bos=False))
 
     def _scorer(self, bound: Bound) -> scoring.Score:
         """The log-probability of each continuation after a prompt (see Backend.score), under

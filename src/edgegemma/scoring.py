@@ -68,6 +68,16 @@ def check_labels(labels: object) -> list[str]:
     return list(labels)
 
 
+def label_ids(labels: object, tokenize: Callable[[str], list[int]]) -> list[list[int]]:
+    """The token ids of each label (checked), tokenized alone, as they follow a prompt."""
+    checked = check_labels(labels)
+    ids = [tokenize(label) for label in checked]
+    empty = [label for label, found in zip(checked, ids) if not found]
+    if empty:
+        raise InvalidParameterError(f"labels {empty!r} stand for no tokens")
+    return ids
+
+
 def label_totals(
     score: Score, prompt_ids: list[int], label_ids: list[list[int]], timeout: float | None
 ) -> list[float]:

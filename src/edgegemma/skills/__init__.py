@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..decisions import Choice, Schema
 from ..errors import InvalidParameterError
 from ..jsonl import parse_lines
 from . import emoji, sensor
@@ -96,6 +97,17 @@ LABELS: dict[str, list[str]] = {
 }
 """The labels of each classification skill as ``Engine.classify`` takes them (with the leading
 space the answer has after the prompt)."""
+QUESTIONS: dict[str, Schema] = {
+    "sensor": Schema(
+        # Not calibrated against content-free inputs: an empty reading is a normal one by the
+        # skill's rule, so that "prior" is an answer, not a bias (docs/performance.md).
+        (Choice("status", labels=sensor.LABELS, prompt="\nStatus:", calibrate=False),),
+        template=sensor.prompt("{text}").removesuffix("\nStatus:"),
+    ),
+}
+"""The question each classification skill answers, for :meth:`~edgegemma.Engine.decide`: the
+skill's own prompt cut into the input's template and the question's text, so that the adapter
+sees the format it was trained on."""
 
 sensor_label = sensor.normalise
 
