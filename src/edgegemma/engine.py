@@ -27,7 +27,6 @@ from .backends.base import (
     BatchedSequence,
     Features,
     ModelInfo,
-    log_probs,
     round_n_ctx,
 )
 from .batching import Together
@@ -41,7 +40,6 @@ from .chat import (
 from .constraints import Matcher, Vocabulary, make_constraint
 from .decisions import Decisions, Questions
 from .errors import (
-    AdapterError,
     BackendUnavailableError,
     ContextOverflowError,
     EdgeGemmaError,
@@ -50,7 +48,7 @@ from .errors import (
     InvalidParameterError,
 )
 from .families import FAMILIES, require
-from .loaded_adapters import Bound, LoadedAdapters
+from .loaded_adapters import Bound, LoadedAdapters, adapter_file
 from .options import (
     DEFAULT_MAX_TOKENS,
     ENGINE_ADAPTERS,
@@ -202,17 +200,11 @@ class Engine:
         self._load_adapter(name, path, replace=True)
 
     def _load_adapter(self, name: str, path: str | os.PathLike[str], *, replace: bool) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidParameterError(f"adapter name must be a non-empty string, got {name!r}")
-        if not isinstance(path, (str, os.PathLike)) or path == "":
-            raise InvalidParameterError(f"adapter path must be a file path, got {path!r}")
-        adapter_path = Path(path)
+        adapter_path = adapter_file(name, path)
         with self._exclusive():
             self._free_doomed()
             if (name in self._adapters) != replace:
                 raise self._adapters.misnamed(name, replace)
-            if not adapter_path.is_file():
-                raise AdapterError(f"adapter file not found: {adapter_path}")
             handle = self._backend.load_adapter(adapter_path)
             (self._adapters.replace if replace else self._adapters.add)(name, adapter_path, handle)
             self._free_doomed()
@@ -780,10 +772,7 @@ class Engine:
     ) -> TokenLogprob | None:
         if top is None:
             return None
-        return token_logprob(log_probs(driver.logits()), token, top, self._token_text)
-
-    def _token_text(self, token: int) -> str:
-        return self._backend.token_bytes(token).decode("utf-8", "replace")
+        return token_logprob(driver.logits(), token, top, self._backend.token_bytes)
 
     def _fit_context(self, request: Request, n_ctx: int) -> Fitted:
         """Apply the overflow policy: (tokens to evaluate, tokens dropped, limit, limit reason)."""

@@ -4,6 +4,7 @@ freed."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,17 @@ class LoadedAdapter:
 
 Bound = list[tuple[LoadedAdapter, float]]
 """The loaded adapters a call runs with, and their scales."""
+
+
+def adapter_file(name: object, path: object) -> Path:
+    """The adapter file ``path`` names, checked with the ``name`` it is to be loaded under."""
+    if not isinstance(name, str) or not name:
+        raise InvalidParameterError(f"adapter name must be a non-empty string, got {name!r}")
+    if not isinstance(path, (str, os.PathLike)) or path == "":
+        raise InvalidParameterError(f"adapter path must be a file path, got {path!r}")
+    if not Path(path).is_file():
+        raise AdapterError(f"adapter file not found: {path}")
+    return Path(path)
 
 
 class LoadedAdapters:

@@ -12,6 +12,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 import numpy as np
 
+from .backends.base import log_probs
 from .errors import EdgeGemmaError
 from .memory import peak_rss_mb
 from .options import Request
@@ -288,12 +289,17 @@ class Progress:
 
 
 def token_logprob(
-    values: np.ndarray, token: int, top: int, text: Callable[[int], str]
+    logits: np.ndarray, token: int, top: int, token_bytes: Callable[[int], bytes]
 ) -> TokenLogprob:
-    """``token``'s log-probability among ``values`` (log-softmaxed logits) and the ``top``
-    most likely tokens, most likely first."""
+    """``token``'s log-probability under ``logits`` and the ``top`` most likely tokens, most
+    likely first."""
+    values = log_probs(logits)
     best = np.argpartition(-values, top)[:top] if top else np.array([], dtype=np.int64)
     best = best[np.argsort(-values[best], kind="stable")]
+
+    def text(t: int) -> str:
+        return token_bytes(t).decode("utf-8", "replace")
+
     return TokenLogprob(
         token=token,
         text=text(token),

@@ -22,11 +22,14 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from ..errors import (
@@ -108,9 +111,9 @@ def pull(
     check_name(name)
     shelf = store if isinstance(store, Store) else Store(store)
     fmt = format_for_backend(backend)
-    try:
+    with _verifying(name, repo_url, shelf):
         url = repo_url.rstrip("/")
-        metadata_dir = shelf.root / ".tuf" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        metadata_dir = _metadata_dir(shelf, url)
         # The name's lock keeps its versions; the repository's keeps the trusted metadata
         # that pulls of other names from the same repository update too.
         with shelf.locked(name), locked(metadata_dir.with_suffix(".lock")):
@@ -123,30 +126,63 @@ def pull(
                 )  # fmt: skip
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+def published(
+    repo_url: str,
+    root: str | os.PathLike[str],
+    *,
+    store: str | os.PathLike[str] | Store | None = None,
+) -> list[str]:
+    """The names of the adapters the TUF repository at ``repo_url`` publishes, from its
+    targets metadata as verified now (the same checks as :func:`pull`)."""
+    shelf = store if isinstance(store, Store) else Store(store)
+    with _verifying("the repository", repo_url, shelf):
+        url = repo_url.rstrip("/")
+        metadata_dir = _metadata_dir(shelf, url)
+        with locked(metadata_dir.with_suffix(".lock")):
+            _updater(metadata_dir, url, Path(root)).refresh()
+            # The updater keeps each metadata file it verified, under its role's name.
+            targets = Metadata[Targets].from_file(str(metadata_dir / "targets.json"))
+    suffix = f"/{MANIFEST}"
+    return sorted(
+        path.removesuffix(suffix) for path in targets.signed.targets if path.endswith(suffix)
+    )
+
+
+def _metadata_dir(shelf: Store, url: str) -> Path:
+    return shelf.root / ".tuf" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _verifying(what: str, repo_url: str, shelf: Store) -> Iterator[None]:
+    """TUF's and the file system's failures as the UpdateError naming the check that failed."""
+    try:
+        yield
     except tuf_errors.UnsignedMetadataError as exc:
-        raise BadSignatureError(f"{name}: metadata not signed by the trusted keys: {exc}") from exc
+        raise BadSignatureError(f"{what}: metadata not signed by the trusted keys: {exc}") from exc
     except tuf_errors.ExpiredMetadataError as exc:
-        raise ExpiredUpdateError(f"{name}: the repository's metadata has expired: {exc}") from exc
+        raise ExpiredUpdateError(f"{what}: the repository's metadata has expired: {exc}") from exc
     except tuf_errors.BadVersionNumberError as exc:
         if _MIXED.search(str(exc)):
-            raise MixAndMatchError(f"{name}: mismatched metadata: {exc}") from exc
-        raise RollbackError(f"{name}: older metadata than seen before: {exc}") from exc
+            raise MixAndMatchError(f"{what}: mismatched metadata: {exc}") from exc
+        raise RollbackError(f"{what}: older metadata than seen before: {exc}") from exc
     except tuf_errors.LengthOrHashMismatchError as exc:
         raise TamperedUpdateError(
-            f"{name}: a download does not match its signed hash: {exc}"
+            f"{what}: a download does not match its signed hash: {exc}"
         ) from exc
     except tuf_errors.DownloadLengthMismatchError as exc:
-        raise OversizeError(f"{name}: a download is longer than its signed length: {exc}") from exc
+        raise OversizeError(f"{what}: a download is longer than its signed length: {exc}") from exc
     except tuf_errors.RepositoryError as exc:
-        raise UntrustedUpdateError(f"{name}: the repository failed verification: {exc}") from exc
+        raise UntrustedUpdateError(f"{what}: the repository failed verification: {exc}") from exc
     except tuf_errors.DownloadError as exc:
         detail = str(exc) or repr(exc.__cause__ or exc)
-        raise UpdateError(f"{name}: download from {repo_url} failed: {detail}") from exc
+        raise UpdateError(f"{what}: download from {repo_url} failed: {detail}") from exc
     except OSError as exc:
         full = no_space(exc, shelf.root)
         if full:
-            raise StoreFullError(f"{name}: {full}") from exc
-        raise UpdateError(f"{name}: {exc}") from exc
+            raise StoreFullError(f"{what}: {full}") from exc
+        raise UpdateError(f"{what}: {exc}") from exc
 
 
 def _updater(metadata_dir: Path, url: str, root: Path) -> Updater:
