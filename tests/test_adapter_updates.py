@@ -19,10 +19,12 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import PROMPT, greedy
 from loras import random_lora
 from securesystemslib.signer import CryptoSigner
+from served import start_server, stop_server
 from tuf.api.metadata import Metadata, Root, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
@@ -427,3 +429,70 @@ def test_a_variant_of_the_base_counts_as_the_base(tmp_path: Path, monkeypatch) -
 def test_versions_are_pep440_and_path_safe(version: str) -> None:
     with pytest.raises(errors.UpdateError, match="PEP 440"):
         parse_version(version)
+
+
+def test_serve_swaps_in_each_verified_version_and_keeps_serving_on_a_refusal(
+    setup: Setup, clean_engine, tmp_path: Path
+) -> None:
+    """`serve --adapter-repo`: the published adapter is served from the first request, a new
+    version replaces it at the next poll, a bad one is refused while the old one serves on,
+    and /v1/models and /health say which version and why."""
+    prompt = "The gateway reported temp=81.2C vib=0.93g and then"
+    expected = {
+        version: greedy_text(clean_engine, setup.lora_dir / f"{file}.gguf", prompt, 8)
+        for version, file in (("1", "a"), ("2", "b"))
+    }
+    assert expected["1"] != expected["2"]
+    setup.publish(setup.lora_dir / "a.gguf", "1")
+    served = start_server(
+        tmp_path, "--model", "gemma3-270m", "--n-ctx", "512", "--threads", "2",
+        "--adapter-repo", setup.mirror.url,
+        "--root", str(setup.root), "--store", str(setup.store.root), "--poll", "0.5",
+    )  # fmt: skip
+    try:
+
+        def answer() -> str:
+            reply = httpx.post(
+                f"{served.url}/v1/completions",
+                json={
+                    "model": f"gemma3-270m:{NAME}",
+                    "prompt": prompt,
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+                timeout=60,
+            )
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]["text"]
+
+        def card() -> dict:
+            models = httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]
+            return next(m for m in models if m["id"] == f"gemma3-270m:{NAME}")
+
+        def wait_for(check) -> None:
+            deadline = time.monotonic() + 60
+            while not check():
+                assert time.monotonic() < deadline, served.log.read_text()
+                time.sleep(0.2)
+
+        assert answer() == expected["1"]
+        assert card()["version"] == "1"
+        assert card()["sha256"] == sha256_file(setup.lora_dir / "a.gguf")
+
+        setup.publish(setup.lora_dir / "b.gguf", "2")
+        wait_for(lambda: card()["version"] == "2")
+        assert answer() == expected["2"]
+        assert served.health()["adapter_update"]["outcome"] == "installed"
+
+        # A version whose file was tampered with on the mirror is refused; 2 serves on.
+        setup.publish(setup.lora_dir / "a.gguf", "3")
+        target = setup.target(".adapter.gguf")
+        data = bytearray(target.read_bytes())
+        data[-100] ^= 0xFF  # same length, one byte changed
+        target.write_bytes(bytes(data))
+        wait_for(lambda: (served.health()["adapter_update"] or {}).get("outcome") == "refused")
+        update = served.health()["adapter_update"]
+        assert update["adapter"] == NAME and "signed hash" in update["detail"]
+        assert card()["version"] == "2" and answer() == expected["2"]
+    finally:
+        stop_server(served)

@@ -14,8 +14,10 @@ from ..engine import load
 from ..errors import InvalidParameterError
 from ..models import default_model, looks_like_a_name
 from ..options import OVERFLOW_POLICIES, PREFIX_CACHE_POLICIES
+from ..threads import MAX_DEFAULT_THREADS
 from .app import create_app
 from .middleware import BODY_TIMEOUT_S, LOOPBACK_HOSTS, MAX_BODY_BYTES, is_loopback
+from .updates import AdapterFeed
 
 DEFAULT_PORT = 8080
 
@@ -37,6 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     _ADAPTER.add_to(
         parser, "load an adapter, served as MODEL:NAME (repeatable; each request sets its scale)"
     )
+    updates = parser.add_argument_group(
+        "adapters from a TUF repository (edgegemma[updates]; docs/adapters.md)"
+    )
+    updates.add_argument(
+        "--adapter-repo",
+        metavar="URL",
+        help="serve the newest verified version of every adapter this repository publishes",
+    )
+    updates.add_argument("--root", metavar="ROOT_JSON", help="the repository's trusted root.json")
+    updates.add_argument(
+        "--poll",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="look for new versions this often (default: %(default)s)",
+    )
+    updates.add_argument("--store", metavar="DIR", help="the adapter store (default: the cache's)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="default: %(default)s (this machine only)"
     )
@@ -61,7 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         help="time a client has to send a request body (default: %(default)s)",
     )
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the free cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help=f"CPU threads (default: the free cores, at most {MAX_DEFAULT_THREADS})",
+    )
     parser.add_argument("--on-overflow", choices=OVERFLOW_POLICIES, default="error")
     parser.add_argument(
         "--prefix-cache",
@@ -128,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning = exposure_warning(options.host, options.api_key)
     if warning:
         print(f"edgegemma serve: warning: {warning}", file=sys.stderr, flush=True)
+    if (options.adapter_repo is None) != (options.root is None):
+        raise InvalidParameterError("--adapter-repo and --root go together")
     adapters = [_ADAPTER.parse(spec) for spec in options.adapter]
     model = options.model or default_model(options.backend)
     name = options.name or (model if looks_like_a_name(model) else Path(model).stem)
@@ -152,6 +177,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             allowed_hosts=allowed_hosts,
             body_timeout=options.body_timeout,
         )
+        feed = None
+        if options.adapter_repo is not None:
+            feed = AdapterFeed(
+                engine,
+                options.adapter_repo,
+                options.root,
+                store=options.store,
+                poll=options.poll,
+                model=model,
+            )
+            feed.poll_once()  # the published adapters are there from the first request
+            app.state.server.feed = feed
+            feed.start()
         config = uvicorn.Config(
             app,
             host=options.host,
@@ -167,5 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        server.run()
+        try:
+            server.run()
+        finally:
+            if feed is not None:
+                feed.stop()
     return 0

@@ -289,8 +289,15 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else -3.4028234663852886e38
 
 
-def model_card(created: int, model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "edgegemma"}
+def model_card(created: int, model_id: str, **facts: Any) -> dict[str, Any]:
+    """OpenAI's model object; ``facts`` add edgegemma's own (an adapter's version, sha256)."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "edgegemma",
+        **facts,
+    }
 
 
 def fingerprint(engine: Engine) -> str:

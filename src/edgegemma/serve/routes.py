@@ -68,19 +68,23 @@ async def health(server: CurrentServer) -> dict[str, Any]:
         "parallel": server.parallel,
         "prefix_cache": server.engine.prefix_cache,
         "generations": dict(server.generations),
+        "adapter_update": (
+            server.feed.last.to_json() if server.feed is not None and server.feed.last else None
+        ),
     }
 
 
 @api.get("/models")
 async def models(server: CurrentServer) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(server.created, i) for i in server.model_ids()]}
+    cards = [model_card(server.created, i, **server.model_facts(i)) for i in server.model_ids()]
+    return {"object": "list", "data": cards}
 
 
 @api.get("/models/{model_id:path}")
 async def one_model(model_id: str, server: CurrentServer) -> dict[str, Any]:
     if model_id not in server.model_ids():
         raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found")
-    return model_card(server.created, model_id)
+    return model_card(server.created, model_id, **server.model_facts(model_id))
 
 
 @api.post("/completions", response_model=None)

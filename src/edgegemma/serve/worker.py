@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,10 +17,12 @@ from fastapi import Request
 
 from ..engine import Engine
 from ..errors import EdgeGemmaError
+from ..files import sha256_file
 from ..options import ENGINE_ADAPTERS
 from ..results import Result
 from ..streams import Stream
 from .protocol import APIError, SamplingRequest, api_error
+from .updates import AdapterFeed
 
 
 class Run:
@@ -85,6 +88,9 @@ class Server:
         self.created = int(time.time())
         self.generations: Counter[str] = Counter()
         """Generations run, by finish reason (``cancelled``: the client left)."""
+        self.feed: AdapterFeed | None = None
+        """Where new adapter versions come from while serving (``--adapter-repo``)."""
+        self._file_hashes: dict[tuple[Path, int], str] = {}
 
     def submit(self, run: Run) -> None:
         with self._waiting_lock:
@@ -159,6 +165,21 @@ class Server:
 
     def _record(self, result: Result) -> None:
         self.generations[result.finish_reason] += 1  # only the worker thread writes
+
+    def model_facts(self, model_id: str) -> dict[str, Any]:
+        """An adapter's ``version`` (where a repository serves it) and the ``sha256`` of the
+        file being served under ``model_id``; nothing for the base model."""
+        _, sep, name = model_id.partition(":")
+        path = self.engine.adapters.get(name) if sep else None
+        if path is None:
+            return {}
+        served = self.feed.served.get(name) if self.feed is not None else None
+        if served is not None:
+            return {"version": served[0], "sha256": served[1]}
+        key = (path, path.stat().st_mtime_ns)
+        if key not in self._file_hashes:
+            self._file_hashes[key] = sha256_file(path)
+        return {"version": None, "sha256": self._file_hashes[key]}
 
     def model_ids(self) -> list[str]:
         return [self.model, *(f"{self.model}:{name}" for name in self.engine.adapters)]
