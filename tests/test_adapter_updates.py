@@ -479,8 +479,27 @@ def test_serve_swaps_in_each_verified_version_and_keeps_serving_on_a_refusal(
         assert card()["version"] == "1"
         assert card()["sha256"] == sha256_file(setup.lora_dir / "a.gguf")
 
-        setup.publish(setup.lora_dir / "b.gguf", "2")
-        wait_for(lambda: card()["version"] == "2")
+        # Clients keep the server busy while v2 is published: the swap still happens, between
+        # two requests, and every answer is one version's or the other's, never a mix.
+        answers: list[str] = []
+        busy = threading.Event()
+        busy.set()
+
+        def client() -> None:
+            while busy.is_set():
+                answers.append(answer())
+
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        try:
+            setup.publish(setup.lora_dir / "b.gguf", "2")
+            wait_for(lambda: card()["version"] == "2")
+        finally:
+            busy.clear()
+            for thread in clients:
+                thread.join()
+        assert answers and set(answers) <= {expected["1"], expected["2"]}
         assert answer() == expected["2"]
         assert served.health()["adapter_update"]["outcome"] == "installed"
 

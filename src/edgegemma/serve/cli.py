@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store=options.store,
                 poll=options.poll,
                 model=model,
+                between_requests=app.state.server.between_requests,
             )
             feed.poll_once()  # the published adapters are there from the first request
             app.state.server.feed = feed

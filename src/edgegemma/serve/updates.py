@@ -3,9 +3,9 @@
 Every ``poll`` seconds the feed lists the adapters the repository publishes and pulls each
 (:func:`edgegemma.adapters.pull.pull`: signatures, expiry, versions, hashes, the base model,
 the engine's own checks and the acceptance set, before anything is installed). A version that
-passes goes live through :meth:`Engine.replace_adapter`: requests made before keep the old
-version, requests after get the new one. A version refused is logged and shown in
-``/health``; the version being served stays. ``edgegemma adapters rollback NAME`` makes the
+passes goes live through :meth:`Engine.replace_adapter`, run between two requests: requests
+made before keep the old version, requests after get the new one. A version refused is logged
+and shown in ``/health``; the version being served stays. ``edgegemma adapters rollback NAME`` makes the
 store's previous version current, and the next poll serves it.
 """
 
@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class AdapterFeed:
         store: str | os.PathLike[str] | None,
         poll: float,
         model: str | os.PathLike[str] | None,
+        between_requests: Callable[[Callable[[], None]], None],
     ):
         from ..adapters.store import Store
 
@@ -65,6 +67,8 @@ class AdapterFeed:
         self._store = Store(store)
         self._poll = poll
         self._model = model
+        self._between_requests = between_requests
+        """Runs a swap where the server allows one: between two requests."""
         self.served: dict[str, tuple[str, str]] = {}
         """Adapter name -> (version, sha256 of its file) being served."""
         self.last: UpdateAttempt | None = None
@@ -102,11 +106,16 @@ class AdapterFeed:
             return
         if pulled.path is None or self.served.get(name, ("",))[0] == pulled.version:
             return
-        try:
+        path = pulled.path
+
+        def swap() -> None:
             if name in self._engine.adapters:
-                self._engine.replace_adapter(name, pulled.path)
+                self._engine.replace_adapter(name, path)
             else:
-                self._engine.load_adapter(name, pulled.path)
+                self._engine.load_adapter(name, path)
+
+        try:
+            self._between_requests(swap)
         except EdgeGemmaError as exc:
             self._note(name, pulled.version, "refused", str(exc))
             return

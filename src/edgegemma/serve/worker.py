@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgegemma-engine")
         self._waiting: list[Run] = []
         self._waiting_lock = threading.Lock()
+        self._changes: list[tuple[Callable[[], None], Future[None]]] = []
+        """Changes of the engine waiting for a moment between requests (guarded as waiting)."""
         self.created = int(time.time())
         self.generations: Counter[str] = Counter()
         """Generations run, by finish reason (``cancelled``: the client left)."""
@@ -99,13 +101,34 @@ class Server:
         # finds it gone and takes the runs that arrived since, or none.
         self.executor.submit(self._turn)
 
+    def between_requests(self, change: Callable[[], None]) -> None:
+        """Run ``change`` (an adapter swap) on the worker between requests, and wait for it:
+        the requests it already runs finish as they started, those waiting start after the
+        change. Under steady load the running batch takes in no new request meanwhile."""
+        done: Future[None] = Future()
+        with self._waiting_lock:
+            self._changes.append((change, done))
+        self.executor.submit(self._turn)
+        done.result()
+
     def _turn(self) -> None:
+        with self._waiting_lock:
+            changes, self._changes = self._changes, []
+        for change, done in changes:
+            try:
+                change()
+            except BaseException as exc:  # noqa: BLE001 -- the caller gets it
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
         # Index in the run -> a request not answered yet and its stream: under steady load the
         # run goes on, so it holds only those.
         live: dict[int, tuple[Run, Stream]] = {}
 
         def take(count: int) -> list[tuple[Run, Stream]]:
             with self._waiting_lock:
+                if self._changes:  # a change waits: this run ends with what it holds
+                    return []
                 runs, self._waiting = self._waiting[:count], self._waiting[count:]
             made = []
             for run in runs:
