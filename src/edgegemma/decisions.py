@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +39,17 @@ CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 @dataclass(frozen=True)
-class _Question:
+class _Question(ABC):
     name: str
     """The key of this question's answer in :class:`Decisions`."""
 
+    @abstractmethod
     def options(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """What the answer may be, as the text that would follow :meth:`ask`."""
 
+    @abstractmethod
     def ask(self) -> str:
         """The text after the input that the options follow."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
