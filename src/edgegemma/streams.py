@@ -75,6 +75,9 @@ class Holder:
                 self._holding_lock = True
             self.running = True
             try:
+                if self._closing:  # closed from another thread, which waits for this step
+                    self._pieces.close()
+                    raise StopIteration
                 return step()
             except BaseException:
                 self._release()
